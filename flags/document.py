@@ -1,0 +1,264 @@
+"""The configuration document: one versioned, validated, immutable JSON object.
+
+Rules of this file:
+* A document is validated *as a whole* (`load_document`): schema first (pydantic, unknown
+  fields refused), then the cross-references (routes -> releases, releases -> cohorts,
+  stages). Every failure is a `ConfigError` naming the dotted field; nothing is applied.
+* Models are frozen. A change is a new document (`model_copy(update=...)` then validate).
+* Versions only go up; the store assigns them (DESIGN.md §4).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from flags.errors import ConfigError
+
+STAGE_OFF = "off"
+STAGE_INTERNAL = "internal"
+STAGE_CUSTOM = "custom"
+DEFAULT_STAGES: dict[str, float] = {
+    "off": 0.0,
+    "internal": 0.0,
+    "beta": 10.0,
+    "open": 50.0,
+    "ga": 100.0,
+}
+PERCENT_STEP = 0.001
+MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+HOST_RE = re.compile(r"^(\*|[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*)$")
+DOMAIN_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+$")
+PATH_PREFIX_RE = re.compile(r"^/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*$")
+
+M = TypeVar("M", bound="BaseModel")
+
+_MODEL = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Internal(BaseModel):
+    """The internal allow-list: always in the canary once the release is past `off`."""
+
+    model_config = _MODEL
+    unit_ids: tuple[str, ...] = ()
+    email_domains: tuple[str, ...] = ()
+
+
+class Rollback(BaseModel):
+    """Why the release was last rolled back (kept until the stage is moved again)."""
+
+    model_config = _MODEL
+    reason: str = Field(max_length=500)
+    from_stage: str
+    from_percent: float | None = None
+
+
+class Release(BaseModel):
+    """A release: where stable and canary traffic go, and how much goes to the canary."""
+
+    model_config = _MODEL
+    stable: tuple[str, ...] = Field(min_length=1, max_length=64)
+    canary: tuple[str, ...] = Field(min_length=1, max_length=64)
+    stage: str = STAGE_OFF
+    percent: float | None = None
+    salt: str | None = Field(default=None, max_length=128)
+    cohort: str | None = None
+    internal: Internal = Internal()
+    rollback: Rollback | None = None
+    description: str = Field(default="", max_length=500)
+
+
+class Cohort(BaseModel):
+    """A named cohort: a salt shared by releases (and later flags), so 'the beta 10 %' is the
+    same people everywhere."""
+
+    model_config = _MODEL
+    salt: str = Field(min_length=1, max_length=128)
+    description: str = Field(default="", max_length=500)
+
+
+class Route(BaseModel):
+    """Host + path prefix -> release. Host `*` matches any host."""
+
+    model_config = _MODEL
+    host: str = "*"
+    path_prefix: str = "/"
+    release: str
+
+
+class Document(BaseModel):
+    """The whole configuration of one environment."""
+
+    model_config = _MODEL
+    version: int = Field(default=0, ge=0)
+    stages: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_STAGES))
+    cohorts: dict[str, Cohort] = Field(default_factory=dict)
+    releases: dict[str, Release] = Field(default_factory=dict)
+    routes: tuple[Route, ...] = ()
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+
+    def content(self) -> dict[str, Any]:
+        """The document without its version: what 'restore version N' copies."""
+        data = self.model_dump(mode="json")
+        data.pop("version", None)
+        return data
+
+
+def effective_percent(doc: Document, release: Release) -> float:
+    """The canary percentage a release's stage stands for."""
+    if release.stage == STAGE_CUSTOM:
+        return release.percent if release.percent is not None else 0.0
+    return doc.stages.get(release.stage, 0.0)
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def _schema_error(exc: ValidationError, prefix: str = "") -> ConfigError:
+    first = exc.errors(include_url=False)[0]
+    loc = tuple(first.get("loc", ()))
+    field = _field_path(loc)
+    if prefix:
+        field = f"{prefix}.{field}" if field else prefix
+    message = str(first.get("msg", "invalid value"))
+    if first.get("type") == "extra_forbidden":
+        message = "unknown field"
+    return ConfigError(field or "document", message)
+
+
+def parse_json(data: bytes | str) -> Any:
+    """Parse JSON with a size cap; a `ConfigError` on bad input."""
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise ConfigError("document", f"larger than {MAX_DOCUMENT_BYTES} bytes")
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError("document", f"invalid JSON: {exc}") from None
+
+
+def load_document(data: bytes | str | Mapping[str, Any]) -> Document:
+    """Parse and validate a whole document, or raise `ConfigError` naming the field."""
+    raw = parse_json(data) if isinstance(data, (bytes, str)) else data
+    if not isinstance(raw, Mapping):
+        raise ConfigError("document", "must be a JSON object")
+    try:
+        doc = Document.model_validate_json(orjson.dumps(dict(raw)))
+    except ValidationError as exc:
+        raise _schema_error(exc) from None
+    check_document(doc)
+    return doc
+
+
+def load_model(model: type[M], raw: Any, prefix: str = "") -> M:
+    """Validate one part (a release, a route) with the document's field naming."""
+    try:
+        return model.model_validate_json(orjson.dumps(raw))
+    except ValidationError as exc:
+        raise _schema_error(exc, prefix) from None
+    except TypeError:
+        raise ConfigError(prefix or "body", "not JSON-serialisable") from None
+
+
+def _check_percent(field: str, value: float) -> None:
+    if not math.isfinite(value) or value < 0 or value > 100:
+        raise ConfigError(field, f"must be between 0 and 100, got {value}")
+    steps = value / PERCENT_STEP
+    if abs(steps - round(steps)) > 1e-6:
+        raise ConfigError(field, f"must be a multiple of {PERCENT_STEP} %, got {value}")
+
+
+def check_upstream_url(field: str, url: str) -> None:
+    """Upstreams are `http(s)://host[:port]` with nothing else: no path, query, credentials."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(field, f"invalid URL {url!r}: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError(field, f"upstream must be an http:// or https:// URL, got {url!r}")
+    if not parts.hostname:
+        raise ConfigError(field, f"upstream URL has no host: {url!r}")
+    if parts.username or parts.password:
+        raise ConfigError(field, "upstream URL must not carry credentials")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(field, f"upstream URL must not have a path or query: {url!r}")
+    if port == 0:
+        raise ConfigError(field, "upstream port must be 1-65535")
+
+
+def _check_stages(doc: Document) -> None:
+    if STAGE_OFF not in doc.stages or doc.stages[STAGE_OFF] != 0:
+        raise ConfigError("stages.off", "the stage table must define 'off' as 0")
+    for name, value in doc.stages.items():
+        if name == STAGE_CUSTOM or not NAME_RE.match(name):
+            raise ConfigError(f"stages.{name}", "invalid stage name")
+        _check_percent(f"stages.{name}", value)
+
+
+def _check_release(doc: Document, name: str, rel: Release) -> None:
+    where = f"releases.{name}"
+    if not NAME_RE.match(name):
+        raise ConfigError(where, "release names are 1-64 of a-z 0-9 _ . - (lower case)")
+    for arm in ("stable", "canary"):
+        for i, url in enumerate(getattr(rel, arm)):
+            check_upstream_url(f"{where}.{arm}.{i}", url)
+    if rel.stage == STAGE_CUSTOM:
+        if rel.percent is None:
+            raise ConfigError(f"{where}.percent", "required when stage is 'custom'")
+        _check_percent(f"{where}.percent", rel.percent)
+    else:
+        if rel.stage not in doc.stages:
+            known = ", ".join([*doc.stages, STAGE_CUSTOM])
+            raise ConfigError(f"{where}.stage", f"unknown stage {rel.stage!r} (known: {known})")
+        if rel.percent is not None:
+            raise ConfigError(f"{where}.percent", "only allowed with stage 'custom'")
+    if rel.salt is not None and rel.cohort is not None:
+        raise ConfigError(f"{where}.cohort", "set either salt or cohort, not both")
+    if rel.cohort is not None and rel.cohort not in doc.cohorts:
+        raise ConfigError(f"{where}.cohort", f"unknown cohort {rel.cohort!r}")
+    for i, domain in enumerate(rel.internal.email_domains):
+        if not DOMAIN_RE.match(domain):
+            raise ConfigError(f"{where}.internal.email_domains.{i}", f"invalid domain {domain!r}")
+    for i, uid in enumerate(rel.internal.unit_ids):
+        if not uid or len(uid.encode()) > 256 or uid != uid.strip():
+            raise ConfigError(f"{where}.internal.unit_ids.{i}", "invalid unit id")
+
+
+def check_document(doc: Document) -> None:
+    """Cross-field validation of a parsed document."""
+    _check_stages(doc)
+    for name, cohort in doc.cohorts.items():
+        if not NAME_RE.match(name):
+            raise ConfigError(f"cohorts.{name}", "invalid cohort name")
+        del cohort
+    for name, rel in doc.releases.items():
+        _check_release(doc, name, rel)
+    seen: dict[tuple[str, str], int] = {}
+    for i, route in enumerate(doc.routes):
+        where = f"routes.{i}"
+        if route.host != route.host.lower() or not HOST_RE.match(route.host):
+            raise ConfigError(f"{where}.host", f"invalid host {route.host!r} (lower case, no port)")
+        if not PATH_PREFIX_RE.match(route.path_prefix) or "/../" in route.path_prefix + "/":
+            raise ConfigError(f"{where}.path_prefix", "must start with / and be a plain path")
+        if route.release not in doc.releases:
+            raise ConfigError(f"{where}.release", f"unknown release {route.release!r}")
+        key = (route.host, route.path_prefix)
+        if key in seen:
+            raise ConfigError(
+                f"{where}", f"duplicate route {route.host} {route.path_prefix} (also routes.{seen[key]})"
+            )
+        seen[key] = i
+
+
+StageName = Literal["off", "internal", "beta", "open", "ga"]

@@ -1,0 +1,247 @@
+"""Routing decisions over an immutable, precompiled snapshot of a document.
+
+Rules of this file:
+* `compile_snapshot` does all the work that does not depend on the request (thresholds as
+  integers, salts with their ':' appended, route tables by prefix length), so a decision is a
+  few dict lookups and one MurmurHash3.
+* `decide` never raises: a bug or a bad input gives the stable arm with reason ERROR.
+* Route precedence: routes of the request's exact host first, then `*` routes; within
+  either, the longest matching path prefix wins (plain string prefix, as nginx and Envoy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+from flags.document import STAGE_OFF, Document, Release, effective_percent
+from flags.hashing import POSITION_SPACE, normalize_unit_id, position_with_prefix, threshold
+
+ARM_STABLE: Final = "stable"
+ARM_CANARY: Final = "canary"
+
+# OpenFeature reason vocabulary (DESIGN.md §6).
+REASON_DISABLED: Final = "DISABLED"  # stage off or rolled back: everyone on stable
+REASON_TARGETING_MATCH: Final = "TARGETING_MATCH"  # internal allow-list
+REASON_SPLIT: Final = "SPLIT"  # by hash position against the percentage
+REASON_DEFAULT: Final = "DEFAULT"  # no route matched
+REASON_ERROR: Final = "ERROR"
+
+
+class Decision:
+    """Which arm a unit goes to, and why."""
+
+    __slots__ = ("arm", "release", "cohort", "position", "reason")
+
+    def __init__(
+        self, arm: str, release: str | None, cohort: str, position: int, reason: str
+    ) -> None:
+        self.arm = arm
+        self.release = release
+        self.cohort = cohort
+        self.position = position
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return (
+            f"Decision(arm={self.arm!r}, release={self.release!r}, cohort={self.cohort!r}, "
+            f"position={self.position}, reason={self.reason!r})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Decision):
+            return NotImplemented
+        return (self.arm, self.release, self.cohort, self.position, self.reason) == (
+            other.arm,
+            other.release,
+            other.cohort,
+            other.position,
+            other.reason,
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking value object; not a key
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What the edge knows about a request, in canonical form."""
+
+    unit_id: str | None
+    host: str = "*"
+    path: str = "/"
+    email: str | None = None
+
+
+class CompiledRelease:
+    """A release with everything the request path needs precomputed."""
+
+    __slots__ = (
+        "name",
+        "release",
+        "salt",
+        "salt_prefix",
+        "cohort",
+        "percent",
+        "threshold",
+        "disabled",
+        "internal_ids",
+        "internal_domains",
+        "stable",
+        "canary",
+    )
+
+    def __init__(self, doc: Document, name: str, rel: Release) -> None:
+        self.name = name
+        self.release = rel
+        if rel.cohort is not None:
+            self.salt = doc.cohorts[rel.cohort].salt
+            self.cohort = rel.cohort
+        else:
+            self.salt = rel.salt if rel.salt is not None else name
+            self.cohort = ""
+        self.salt_prefix = self.salt + ":"
+        self.disabled = rel.stage == STAGE_OFF
+        self.percent = 0.0 if self.disabled else effective_percent(doc, rel)
+        self.threshold = threshold(self.percent)
+        self.internal_ids = frozenset(rel.internal.unit_ids)
+        self.internal_domains = frozenset(d.lower() for d in rel.internal.email_domains)
+        self.stable = rel.stable
+        self.canary = rel.canary
+
+    def is_internal(self, unit_id: str | None, email: str | None) -> bool:
+        if unit_id is not None and unit_id in self.internal_ids:
+            return True
+        if email and self.internal_domains:
+            _, at, domain = email.rpartition("@")
+            return bool(at) and domain.strip().lower() in self.internal_domains
+        return False
+
+    def assign(self, unit_id: str | None, email: str | None = None) -> Decision:
+        """The decision for one unit. `unit_id` must already be normalised."""
+        if self.disabled:
+            pos = position_with_prefix(self.salt_prefix, unit_id) if unit_id is not None else -1
+            return Decision(ARM_STABLE, self.name, self.cohort, pos, REASON_DISABLED)
+        if (self.internal_ids or self.internal_domains) and self.is_internal(unit_id, email):
+            pos = position_with_prefix(self.salt_prefix, unit_id) if unit_id is not None else -1
+            return Decision(ARM_CANARY, self.name, self.cohort, pos, REASON_TARGETING_MATCH)
+        if unit_id is None:
+            # Never bucket on a fresh random number (DESIGN.md §2): without an id, stable.
+            return Decision(ARM_STABLE, self.name, self.cohort, -1, REASON_DEFAULT)
+        pos = position_with_prefix(self.salt_prefix, unit_id)
+        arm = ARM_CANARY if pos < self.threshold else ARM_STABLE
+        return Decision(arm, self.name, self.cohort, pos, REASON_SPLIT)
+
+
+@dataclass(frozen=True, slots=True)
+class _RouteTable:
+    lengths: tuple[int, ...]  # distinct prefix lengths, longest first
+    by_prefix: dict[str, CompiledRelease]
+
+    def match(self, path: str) -> CompiledRelease | None:
+        by_prefix = self.by_prefix
+        for n in self.lengths:
+            hit = by_prefix.get(path[:n])
+            if hit is not None:
+                return hit
+        return None
+
+
+def _table(entries: dict[str, CompiledRelease]) -> _RouteTable:
+    lengths = tuple(sorted({len(p) for p in entries}, reverse=True))
+    return _RouteTable(lengths, dict(entries))
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One immutable, compiled document. The edge swaps the whole object on change."""
+
+    document: Document
+    releases: dict[str, CompiledRelease]
+    hosts: dict[str, _RouteTable]
+    wildcard: _RouteTable | None
+    stale: bool = False
+    source: str = "store"
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def version(self) -> int:
+        return self.document.version
+
+    def match(self, host: str, path: str) -> CompiledRelease | None:
+        """The release serving host + path, or None. `host` lower case without port."""
+        table = self.hosts.get(host)
+        if table is not None:
+            hit = table.match(path)
+            if hit is not None:
+                return hit
+        wildcard = self.wildcard
+        return wildcard.match(path) if wildcard is not None else None
+
+
+def compile_snapshot(doc: Document, *, stale: bool = False, source: str = "store") -> Snapshot:
+    """Precompile a validated document for the request path."""
+    releases = {name: CompiledRelease(doc, name, rel) for name, rel in doc.releases.items()}
+    per_host: dict[str, dict[str, CompiledRelease]] = {}
+    for route in doc.routes:
+        per_host.setdefault(route.host, {})[route.path_prefix] = releases[route.release]
+    wildcard = per_host.pop("*", None)
+    return Snapshot(
+        document=doc,
+        releases=releases,
+        hosts={host: _table(entries) for host, entries in per_host.items()},
+        wildcard=_table(wildcard) if wildcard else None,
+        stale=stale,
+        source=source,
+    )
+
+
+EMPTY_SNAPSHOT = compile_snapshot(Document())
+
+
+def decide(snapshot: Snapshot, facts: Facts) -> Decision:
+    """Route a request. Never raises (reason ERROR and the stable arm on any failure)."""
+    try:
+        rel = snapshot.match(facts.host.lower(), facts.path)
+        if rel is None:
+            return Decision(ARM_STABLE, None, "", -1, REASON_DEFAULT)
+        unit = normalize_unit_id(facts.unit_id) if facts.unit_id is not None else None
+        return rel.assign(unit, facts.email)
+    except Exception:  # noqa: BLE001 - the contract is "never raises"
+        return Decision(ARM_STABLE, None, "", -1, REASON_ERROR)
+
+
+def explain(snapshot: Snapshot, release: str, unit_id: str, email: str | None = None) -> dict[str, object]:
+    """Why a unit gets the arm it gets, for the admin API and the CLI."""
+    rel = snapshot.releases[release]
+    unit = normalize_unit_id(unit_id)
+    decision = rel.assign(unit, email)
+    doc_rel = rel.release
+    if decision.reason == REASON_DISABLED:
+        if doc_rel.rollback is not None:
+            why = f"release rolled back ({doc_rel.rollback.reason}); everyone goes to stable"
+        else:
+            why = "stage is off; everyone goes to stable"
+    elif decision.reason == REASON_TARGETING_MATCH:
+        why = "unit is on the internal allow-list; internal users always get the canary"
+    elif decision.reason == REASON_SPLIT:
+        cmp = "<" if decision.arm == ARM_CANARY else ">="
+        why = (
+            f"position {decision.position} {cmp} threshold {rel.threshold} "
+            f"({rel.percent:g} % of {POSITION_SPACE})"
+        )
+    else:
+        why = "no usable unit id; units without an id go to stable"
+    return {
+        "release": release,
+        "unit_id": unit,
+        "arm": decision.arm,
+        "position": decision.position,
+        "percent": rel.percent,
+        "threshold": rel.threshold,
+        "stage": doc_rel.stage,
+        "salt": rel.salt,
+        "cohort": rel.cohort or None,
+        "reason": decision.reason,
+        "explanation": why,
+        "version": snapshot.version,
+    }
