@@ -1,0 +1,1 @@
+"""Turnout: the composition root (settings -> store -> watcher -> edge + admin) and the CLI."""

@@ -1,0 +1,197 @@
+"""The composition root: settings -> store -> watcher -> edge + admin, on one event loop.
+
+`serve()` runs the edge listener (plain ASGI, uvicorn httptools) and the admin listener
+(Starlette) side by side; `run()` is the blocking entry point for `turnout serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+import yaml
+from prometheus_client import CollectorRegistry
+
+from edge.app import Edge
+from flags.document import load_document
+from flags.errors import ConfigError
+from flags.settings import Settings
+from flags.store import Store
+from flags.watch import ConfigWatcher
+
+log = logging.getLogger("turnout.server")
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to `serve()` (two servers, one loop)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def make_store(settings: Settings) -> Store:
+    from flags.stores import make_store as _make
+
+    return _make(settings.store or str(settings.store_dir), poll_interval_s=settings.poll_interval_s)
+
+
+def read_seed(settings: Settings) -> dict[str, Any] | None:
+    """The initial document from `seed` or `seed_file` (YAML or JSON), if any."""
+    if settings.seed is not None:
+        return settings.seed
+    if settings.seed_file is None:
+        return None
+    try:
+        raw = yaml.safe_load(Path(settings.seed_file).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError("seed_file", f"cannot read {settings.seed_file}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("seed_file", "must hold a mapping (the configuration document)")
+    return raw
+
+
+async def seed_store(store: Store, settings: Settings) -> None:
+    """Write the seed document as version 1 when the store is empty."""
+    raw = read_seed(settings)
+    if raw is None:
+        return
+    document = load_document(raw)  # invalid -> ConfigError naming the field, nothing written
+    if await store.current_version() == 0:
+        await store.commit(document, expected_version=0, actor="seed", summary="initial configuration")
+
+
+def edge_config(app: Any, settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=settings.edge_host,
+        port=settings.edge_port,
+        loop="none",
+        http="httptools",
+        ws="websockets-sansio",
+        lifespan="off",
+        proxy_headers=False,  # X-Forwarded-* are computed by the pipeline (HARDENING §2.3)
+        server_header=False,
+        date_header=False,
+        access_log=False,
+        log_level=settings.log_level,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=10,
+        backlog=4096,
+    )
+
+
+def admin_config(app: Any, settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=settings.admin_host,
+        port=settings.admin_port,
+        loop="none",
+        http="h11",
+        ws="none",
+        lifespan="off",
+        proxy_headers=False,
+        access_log=False,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=5,
+    )
+
+
+async def serve(
+    settings: Settings,
+    *,
+    started: asyncio.Event | None = None,
+    stop_event: asyncio.Event | None = None,
+    context: dict[str, Any] | None = None,
+) -> None:
+    """Run one Turnout instance until SIGINT/SIGTERM or until `stop_event` is set."""
+    from admin.app import create_admin_app
+
+    store = make_store(settings)
+    try:
+        await store.open()
+        await seed_store(store, settings)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the store may be down; the watcher copes
+        log.warning("store not reachable at start: %s", exc)
+    watcher = ConfigWatcher(store, bootstrap_path=settings.bootstrap_file, poll_interval_s=settings.poll_interval_s)
+    await watcher.start()
+    registry = CollectorRegistry()
+    edge = Edge(settings, watcher, registry)
+    admin_app = create_admin_app(settings, store, watcher, registry)
+    servers = [_Server(edge_config(edge.app, settings)), _Server(admin_config(admin_app, settings))]
+    if context is not None:  # for tests and embedding: the live objects of this instance
+        context.update(store=store, watcher=watcher, edge=edge, servers=servers)
+
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        for server in servers:
+            server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop)  # main thread only; tests use stop_event
+
+    async def announce() -> None:
+        while not all(s.started for s in servers):
+            if any(t.done() for t in tasks):
+                return
+            await asyncio.sleep(0.01)
+        log.info(
+            "turnout edge on http://%s:%d, admin on http://%s:%d (config version %d, %s)",
+            settings.edge_host, settings.edge_port, settings.admin_host, settings.admin_port,
+            watcher.version, watcher.source,
+        )
+        if started is not None:
+            started.set()
+
+    async def wait_stop() -> None:
+        if stop_event is not None:
+            await stop_event.wait()
+            stop()
+
+    tasks = [asyncio.create_task(s.serve()) for s in servers]
+    announcer = asyncio.create_task(announce())
+    stopper = asyncio.create_task(wait_stop())
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            if task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+            if any(not s.started for s in servers):
+                raise SystemExit("turnout: a listener failed to start (is the port in use?)")
+    finally:
+        stop()
+        announcer.cancel()
+        stopper.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(sig)
+        await watcher.stop()
+        await edge.aclose()
+
+
+def install_event_loop_policy() -> None:
+    """uvloop when available (PERF.md: the loop and parser matter 4x)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def run(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_event_loop_policy()
+    asyncio.run(serve(settings))
