@@ -1,0 +1,145 @@
+"""The write pipeline every mutation goes through, so each rule is enforced once.
+
+    authenticate -> If-Match syntax -> body -> store's latest revision -> If-Match check
+    -> pure edit (flags.changes) -> compare-and-set commit -> watcher.offer -> audit
+
+Rules of this file:
+* The edit starts from the store's latest revision, never the watcher's snapshot (which may
+  lag), and commits with `expected_version` = that revision's version: a concurrent writer
+  makes this one fail (409/412) instead of being overwritten (HARDENING.md §8 row 16).
+* Nothing is written unless every step before the commit passed; an error response always
+  means the store is unchanged or (503) that nothing was confirmed.
+* After the commit the revision is offered to this instance's watcher, so the change applies
+  here on the very next request instead of at the next poll.
+* Every attempt, including refused and unauthenticated ones, leaves one audit line.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from admin.audit import (
+    RESULT_DENIED,
+    RESULT_FAILED,
+    RESULT_OK,
+    RESULT_REFUSED,
+    AuditEvent,
+)
+from admin.auth import actor_from
+from admin.context import AdminContext
+from admin.inputs import parse_if_match, read_json
+from admin.responses import ApiError, versioned_response
+from flags.document import Document
+from flags.errors import ConfigError
+
+Edit = Callable[[Document, dict[str, Any]], Awaitable[tuple[Document, str]]]
+"""A change: (the store's latest document, the request body) -> (new document, summary)."""
+
+REQUEST_ID_HEADER = "x-request-id"
+_UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'Bearer realm="turnout-admin"'}
+
+
+def _request_id(request: Request) -> str:
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    return given[:64] if given.isascii() and given.isprintable() and given else uuid.uuid4().hex
+
+
+async def perform_write(
+    ctx: AdminContext,
+    request: Request,
+    *,
+    action: str,
+    target: str,
+    edit: Edit,
+    body_required: bool = True,
+) -> Response:
+    """Run one write through the pipeline; the response for the client."""
+    event = AuditEvent(
+        actor=actor_from(request.headers),
+        action=action,
+        target=target,
+        client=request.client.host if request.client else "",
+        request_id=_request_id(request),
+    )
+    try:
+        response = await _write(ctx, request, event, edit, body_required)
+    except ApiError as exc:
+        event.status = exc.status
+        event.detail = f"{exc.field}: {exc.message}" if exc.field else exc.message
+        if exc.status == 401:
+            event.result = RESULT_DENIED
+        elif exc.status >= 500:
+            event.result = RESULT_FAILED
+        else:
+            event.result = RESULT_REFUSED
+        event.emit()
+        return exc.response()
+    except BaseException:
+        event.emit()  # result "error": a bug, or the request was cancelled
+        raise
+    event.result = RESULT_OK
+    event.status = response.status_code
+    event.emit()
+    return response
+
+
+async def _write(
+    ctx: AdminContext,
+    request: Request,
+    event: AuditEvent,
+    edit: Edit,
+    body_required: bool,
+) -> Response:
+    authorization = request.headers.get("authorization")
+    if not ctx.auth.check(authorization):
+        headers = dict(_UNAUTHORIZED_HEADERS)
+        if authorization:
+            # RFC 6750 §3: tell a client with a wrong token apart from one without any.
+            headers["WWW-Authenticate"] += ', error="invalid_token"'
+        raise ApiError(401, "a valid 'Authorization: Bearer <token>' is required", headers=headers)
+    event.authenticated = True
+    accepted = parse_if_match(request.headers.get("if-match"))
+    body = await read_json(request, required=body_required)
+    reason = body.get("reason")
+    if isinstance(reason, str):
+        event.reason = reason
+
+    latest = await ctx.latest()
+    before = latest.version if latest is not None else 0
+    event.before_version = before
+    if before < ctx.watcher.version:
+        # Versions never go back, so the store lost data (HARDENING.md §4.2: an emptied or
+        # failed-over Redis). Writing on top would build on a stale base; re-seed first.
+        raise ApiError(
+            503,
+            f"the store is at version {before} but this instance serves version "
+            f"{ctx.watcher.version}: the store lost data; re-seed it before writing",
+        )
+    if accepted is not None and before not in accepted:
+        wanted = ", ".join(str(v) for v in sorted(accepted))
+        raise ApiError(
+            412,
+            f"version is {before}, not {wanted}; nothing was changed",
+            field="If-Match",
+        )
+    current = latest.document if latest is not None else Document()
+    try:
+        new, summary = await edit(current, body)
+    except ConfigError as exc:
+        raise ApiError(422, exc.message, field=exc.field or None) from None
+
+    revision = await ctx.commit(
+        new,
+        expected_version=before,
+        actor=event.actor,
+        summary=summary,
+        conditional=accepted is not None,
+    )
+    event.after_version = revision.version
+    ctx.watcher.offer(revision)
+    return versioned_response({"version": revision.version, "summary": summary}, revision.version)
