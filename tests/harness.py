@@ -168,8 +168,15 @@ class ThreadedServer:
             **options,
         )
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=self._run, daemon=True)
         self.loop: asyncio.AbstractEventLoop | None = None
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self.loop = asyncio.get_running_loop()
+            await self.server.serve()
+
+        asyncio.run(main())
 
     @property
     def url(self) -> str:
@@ -183,9 +190,8 @@ class ThreadedServer:
 
     def call(self, fn: Any) -> None:
         """Run `fn()` on the server's loop (e.g. to set an asyncio.Event)."""
-        loop = self.server.servers[0]._loop if self.server.servers else None  # type: ignore[attr-defined]
-        assert loop is not None
-        loop.call_soon_threadsafe(fn)
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(fn)
 
     def stop(self) -> None:
         self.server.should_exit = True
