@@ -73,7 +73,9 @@ def rollback(doc: Document, name: str, reason: str) -> tuple[Document, str]:
     if len(reason) > 500:
         raise ConfigError("reason", "at most 500 characters")
     record = Rollback(reason=reason.strip(), from_stage=current.stage, from_percent=current.percent)
-    new_release = current.model_copy(update={"stage": STAGE_OFF, "percent": None, "rollback": record})
+    new_release = current.model_copy(
+        update={"stage": STAGE_OFF, "percent": None, "rollback": record}
+    )
     new = _with_release(doc, name, new_release)
     return new, f"{name}: rollback from {describe_stage(current)} ({reason.strip()})"
 

@@ -20,6 +20,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flags.errors import ConfigError
+from flags.hashing import normalize_unit_id
 
 STAGE_OFF = "off"
 STAGE_INTERNAL = "internal"
@@ -35,8 +36,12 @@ PERCENT_STEP = 0.001
 MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-HOST_RE = re.compile(r"^(\*|[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*)$")
-DOMAIN_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+$")
+HOST_RE = re.compile(
+    r"^(\*|[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*)$"
+)
+DOMAIN_RE = re.compile(
+    r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+$"
+)
 PATH_PREFIX_RE = re.compile(r"^/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*$")
 
 M = TypeVar("M", bound="BaseModel")
@@ -147,11 +152,24 @@ def parse_json(data: bytes | str) -> Any:
         raise ConfigError("document", f"invalid JSON: {exc}") from None
 
 
+def _reject_non_finite(raw: Any, path: str = "") -> None:
+    """orjson writes NaN/Infinity as null: a non-finite number must fail, not vanish."""
+    if isinstance(raw, float) and not math.isfinite(raw):
+        raise ConfigError(path or "document", "must be a finite number")
+    if isinstance(raw, Mapping):
+        for key, value in raw.items():
+            _reject_non_finite(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(raw, (list, tuple)):
+        for i, value in enumerate(raw):
+            _reject_non_finite(value, f"{path}.{i}" if path else str(i))
+
+
 def load_document(data: bytes | str | Mapping[str, Any]) -> Document:
     """Parse and validate a whole document, or raise `ConfigError` naming the field."""
     raw = parse_json(data) if isinstance(data, (bytes, str)) else data
     if not isinstance(raw, Mapping):
         raise ConfigError("document", "must be a JSON object")
+    _reject_non_finite(raw)
     try:
         doc = Document.model_validate_json(orjson.dumps(dict(raw)))
     except ValidationError as exc:
@@ -162,6 +180,7 @@ def load_document(data: bytes | str | Mapping[str, Any]) -> Document:
 
 def load_model(model: type[M], raw: Any, prefix: str = "") -> M:
     """Validate one part (a release, a route) with the document's field naming."""
+    _reject_non_finite(raw, prefix)
     try:
         return model.model_validate_json(orjson.dumps(raw))
     except ValidationError as exc:
@@ -189,7 +208,7 @@ def check_upstream_url(field: str, url: str) -> None:
         raise ConfigError(field, f"upstream must be an http:// or https:// URL, got {url!r}")
     if not parts.hostname:
         raise ConfigError(field, f"upstream URL has no host: {url!r}")
-    if parts.username or parts.password:
+    if "@" in parts.netloc:  # also "http://@host" (empty userinfo)
         raise ConfigError(field, "upstream URL must not carry credentials")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ConfigError(field, f"upstream URL must not have a path or query: {url!r}")
@@ -231,8 +250,11 @@ def _check_release(doc: Document, name: str, rel: Release) -> None:
         if not DOMAIN_RE.match(domain):
             raise ConfigError(f"{where}.internal.email_domains.{i}", f"invalid domain {domain!r}")
     for i, uid in enumerate(rel.internal.unit_ids):
-        if not uid or len(uid.encode()) > 256 or uid != uid.strip():
-            raise ConfigError(f"{where}.internal.unit_ids.{i}", "invalid unit id")
+        if normalize_unit_id(uid) != uid:
+            raise ConfigError(
+                f"{where}.internal.unit_ids.{i}",
+                "invalid unit id (must be trimmed, NFC-normalised, printable, at most 256 bytes)",
+            )
 
 
 def check_document(doc: Document) -> None:
@@ -256,7 +278,8 @@ def check_document(doc: Document) -> None:
         key = (route.host, route.path_prefix)
         if key in seen:
             raise ConfigError(
-                f"{where}", f"duplicate route {route.host} {route.path_prefix} (also routes.{seen[key]})"
+                f"{where}",
+                f"duplicate route {route.host} {route.path_prefix} (also routes.{seen[key]})",
             )
         seen[key] = i
 

@@ -210,7 +210,9 @@ def decide(snapshot: Snapshot, facts: Facts) -> Decision:
         return Decision(ARM_STABLE, None, "", -1, REASON_ERROR)
 
 
-def explain(snapshot: Snapshot, release: str, unit_id: str, email: str | None = None) -> dict[str, object]:
+def explain(
+    snapshot: Snapshot, release: str, unit_id: str, email: str | None = None
+) -> dict[str, object]:
     """Why a unit gets the arm it gets, for the admin API and the CLI."""
     rel = snapshot.releases[release]
     unit = normalize_unit_id(unit_id)

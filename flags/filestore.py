@@ -51,7 +51,10 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def encode_revision(revision: Revision) -> bytes:
-    payload = {"info": revision.info.to_dict(), "document": revision.document.model_dump(mode="json")}
+    payload = {
+        "info": revision.info.to_dict(),
+        "document": revision.document.model_dump(mode="json"),
+    }
     return orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
 
 
@@ -72,7 +75,9 @@ def decode_revision(data: bytes) -> Revision:
 class FileStore:
     """`Store` on a local directory. Safe across processes on one machine."""
 
-    def __init__(self, root: str | os.PathLike[str], *, poll_interval_s: float = DEFAULT_POLL_INTERVAL_S) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], *, poll_interval_s: float = DEFAULT_POLL_INTERVAL_S
+    ) -> None:
         self.root = Path(root)
         self.versions_dir = self.root / "versions"
         self.marker = self.root / "CURRENT"

@@ -50,7 +50,9 @@ def normalize_unit_id(raw: str | bytes) -> str | None:
     identity source) rather than truncated, because truncation would merge distinct users.
     """
     if isinstance(raw, bytes):
-        if len(raw) > MAX_UNIT_ID_BYTES * 2:
+        # An NFD spelling is up to 3x its NFC form in UTF-8 (UAX #15; a Hangul syllable is 3
+        # bytes NFC, 9 NFD): the pre-cap admits 3x so NFD bytes keep the bucket NFC text gets.
+        if len(raw) > MAX_UNIT_ID_BYTES * 3:
             return None
         try:
             text = raw.decode("utf-8")
@@ -61,7 +63,8 @@ def normalize_unit_id(raw: str | bytes) -> str | None:
     text = text.strip()
     if not text.isascii():
         text = unicodedata.normalize("NFC", text)
-        if len(text.encode("utf-8")) > MAX_UNIT_ID_BYTES:
+        # "surrogatepass": a lone surrogate must not raise here; isprintable() refuses it below.
+        if len(text.encode("utf-8", "surrogatepass")) > MAX_UNIT_ID_BYTES:
             return None
     elif len(text) > MAX_UNIT_ID_BYTES:
         return None

@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     @classmethod
     def _token(cls, value: str) -> str:
         value = value.strip()
-        if not value or any(c in value for c in " \t\r\n:;,=\"") or not value.isascii():
+        if not value or any(c in value for c in ' \t\r\n:;,="') or not value.isascii():
             raise ValueError("must be a header/cookie name token")
         return value
 
@@ -118,6 +118,8 @@ def load_settings(config_file: str | None = None, **overrides: Any) -> Settings:
         return Settings(**overrides)
 
     class FileSettings(Settings):
-        model_config = SettingsConfigDict(env_prefix="TURNOUT_", extra="forbid", yaml_file=config_file)
+        model_config = SettingsConfigDict(
+            env_prefix="TURNOUT_", extra="forbid", yaml_file=config_file
+        )
 
     return FileSettings(**overrides)
