@@ -25,7 +25,9 @@ from flags.watch import ConfigWatcher
 class Edge:
     """The data plane of one process; follows the watcher's snapshots."""
 
-    def __init__(self, settings: Settings, watcher: ConfigWatcher, registry: CollectorRegistry | None) -> None:
+    def __init__(
+        self, settings: Settings, watcher: ConfigWatcher, registry: CollectorRegistry | None
+    ) -> None:
         if settings.cookie_secret is not None:
             secret = settings.cookie_secret.get_secret_value()
         else:

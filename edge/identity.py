@@ -115,5 +115,7 @@ class Identity:
                 if unit is not None:
                     return unit, None
         unit = new_unit_id()
-        set_cookie = self.cookie_name + b"=" + self.signer.sign(unit).encode("ascii") + self._cookie_attrs
+        set_cookie = (
+            self.cookie_name + b"=" + self.signer.sign(unit).encode("ascii") + self._cookie_attrs
+        )
         return unit, set_cookie

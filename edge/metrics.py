@@ -20,11 +20,26 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from flags.store import Revision
     from flags.evaluate import Snapshot
+    from flags.store import Revision
     from flags.watch import ConfigWatcher
 
-LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LATENCY_BUCKETS_S = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 LAG_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
@@ -93,7 +108,8 @@ class TurnoutCollector(Collector):
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
         m, w = self.metrics, self.watcher
         requests = CounterMetricFamily(
-            "turnout_requests", "Proxied requests by release, arm and status class",
+            "turnout_requests",
+            "Proxied requests by release, arm and status class",
             labels=["release", "arm", "status_class"],
         )
         for (release, arm, cls), value in sorted(m.requests.items()):
@@ -101,47 +117,58 @@ class TurnoutCollector(Collector):
             requests.add_metric([release, arm, label], value)
         yield requests
         errors = CounterMetricFamily(
-            "turnout_upstream_errors", "Upstream failures by release, arm and kind",
+            "turnout_upstream_errors",
+            "Upstream failures by release, arm and kind",
             labels=["release", "arm", "kind"],
         )
         for (release, arm, kind), value in sorted(m.upstream_errors.items()):
             errors.add_metric([release, arm, kind], value)
         yield errors
         latency = HistogramMetricFamily(
-            "turnout_upstream_latency_seconds", "Time to the upstream response head, by arm",
+            "turnout_upstream_latency_seconds",
+            "Time to the upstream response head, by arm",
             labels=["arm"],
         )
         for arm, hist in m.upstream_latency.items():
             latency.add_metric([arm], hist.buckets(), hist.total)
         yield latency
         ws = CounterMetricFamily(
-            "turnout_websocket_sessions", "WebSocket sessions by release and arm",
+            "turnout_websocket_sessions",
+            "WebSocket sessions by release and arm",
             labels=["release", "arm"],
         )
         for (release, arm), value in sorted(m.websockets.items()):
             ws.add_metric([release, arm], value)
         yield ws
-        yield GaugeMetricFamily("turnout_config_version", "Applied configuration version", value=w.version)
         yield GaugeMetricFamily(
-            "turnout_config_age_seconds", "Seconds since the store last confirmed the applied version",
+            "turnout_config_version", "Applied configuration version", value=w.version
+        )
+        yield GaugeMetricFamily(
+            "turnout_config_age_seconds",
+            "Seconds since the store last confirmed the applied version",
             value=w.age_seconds(),
         )
         yield GaugeMetricFamily(
-            "turnout_store_connected", "1 when the configuration store is reachable",
+            "turnout_store_connected",
+            "1 when the configuration store is reachable",
             value=1 if w.connected else 0,
         )
         yield GaugeMetricFamily(
-            "turnout_config_stale", "1 when serving a configuration the store has not confirmed",
+            "turnout_config_stale",
+            "1 when serving a configuration the store has not confirmed",
             value=1 if w.stale else 0,
         )
         rejected = CounterMetricFamily(
-            "turnout_config_rejected", "Configuration versions rejected, by reason", labels=["reason"]
+            "turnout_config_rejected",
+            "Configuration versions rejected, by reason",
+            labels=["reason"],
         )
         for reason, value in sorted(w.rejected.items()):
             rejected.add_metric([reason], value)
         yield rejected
         lag = HistogramMetricFamily(
-            "turnout_config_apply_lag_seconds", "Time from a version's commit to its application here"
+            "turnout_config_apply_lag_seconds",
+            "Time from a version's commit to its application here",
         )
         lag.add_metric([], m.apply_lag.buckets(), m.apply_lag.total)
         yield lag

@@ -357,10 +357,20 @@ class Pipeline:
         else:
             chain = peer
             proto = scheme.encode("ascii")
-        out = [b"x-forwarded-for: ", chain, b"\r\nx-forwarded-proto: ", proto, b"\r\n"]
+        # Entries of four (name, ": ", value, CRLF), like `kept`, so both can be walked alike.
+        out = [
+            b"x-forwarded-for",
+            b": ",
+            chain,
+            b"\r\n",
+            b"x-forwarded-proto",
+            b": ",
+            proto,
+            b"\r\n",
+        ]
         if host is not None:
-            out += (b"x-forwarded-host: ", host, b"\r\n")
-        out += (b"via: ", (via + b", " + self.via) if via else self.via, b"\r\n")
+            out += (b"x-forwarded-host", b": ", host, b"\r\n")
+        out += (b"via", b": ", (via + b", " + self.via) if via else self.via, b"\r\n")
         return out
 
     def route(self, host: bytes | None, path: bytes) -> CompiledRelease | None:
@@ -368,14 +378,13 @@ class Pipeline:
         if snapshot is None:
             return None
         if host is None:
-            key = "*"
-        else:
-            key = self._host_cache.get(host)  # type: ignore[assignment]
-            if key is None:
-                key = _host_key(host)
-                if len(self._host_cache) > 4096:
-                    self._host_cache.clear()
-                self._host_cache[host] = key
+            return snapshot.match("*", path.decode("latin-1"))
+        key = self._host_cache.get(host)
+        if key is None:
+            key = _host_key(host)
+            if len(self._host_cache) > 4096:
+                self._host_cache.clear()
+            self._host_cache[host] = key
         return snapshot.match(key, path.decode("latin-1"))
 
     def response_filter(
@@ -405,7 +414,12 @@ class Pipeline:
         return out
 
     def error_response(
-        self, status: int, message: str, target: Target | None, set_cookie: bytes | None = None, close: bool = False
+        self,
+        status: int,
+        message: str,
+        target: Target | None,
+        set_cookie: bytes | None = None,
+        close: bool = False,
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         if target is not None:
             text = f"turnout: {message} (release {target.release}, arm {target.arm})\n"
@@ -449,14 +463,18 @@ class Pipeline:
             )
             rel = self.route(host, path)
             if rel is None:
-                await downstream.respond(*self.error_response(404, "no route for this host and path", None))
+                await downstream.respond(
+                    *self.error_response(404, "no route for this host and path", None)
+                )
                 return
             unit, set_cookie = self.identity.resolve(unit_raw, cookie)
             email = email_raw.decode("utf-8", "replace") if email_raw is not None else None
             decision = rel.assign(unit, email)
             target = self.targets[rel.name][1 if decision.arm == ARM_CANARY else 0]
         except Reject as exc:
-            await downstream.respond(*self.error_response(exc.status, exc.message, None, close=exc.close))
+            await downstream.respond(
+                *self.error_response(exc.status, exc.message, None, close=exc.close)
+            )
             return
         head = self.upstream_request_head(method, path, query, host, kept, target, length, chunked)
         await self.forward(method, head, length, chunked, target, set_cookie, downstream)
@@ -530,7 +548,9 @@ class Pipeline:
         except ClientGone:
             return
         except Reject as exc:
-            await downstream.respond(*self.error_response(exc.status, exc.message, target, set_cookie, close=True))
+            await downstream.respond(
+                *self.error_response(exc.status, exc.message, target, set_cookie, close=True)
+            )
             metrics.count(release, arm, exc.status)
             return
         replayable = not isinstance(body, AsyncIterator)
@@ -542,13 +562,18 @@ class Pipeline:
             pool = target.pick()
             try:
                 resp = await pool.request(
-                    head, body, chunked=chunked, is_head=method == "HEAD",
+                    head,
+                    body,
+                    chunked=chunked,
+                    is_head=method == "HEAD",
                     idempotent=method in IDEMPOTENT_METHODS,
                 )
                 break
-            except UpstreamConnectError:
+            except UpstreamConnectError as exc:
                 error = (502, "upstream refused or unreachable", "connect")
-                continue  # nothing was sent: the arm's next upstream may answer (§8 row 1)
+                if exc.phase in ("connect", "pool"):
+                    continue  # nothing was sent: the arm's next upstream may answer (§8 row 1)
+                break  # the request went out: never replay it elsewhere (RFC 9110 §9.2.2)
             except UpstreamTimeout as exc:
                 if exc.phase == "pool":
                     error = (503, "upstream connection pool exhausted", "pool")
@@ -560,7 +585,11 @@ class Pipeline:
                 break
             except (ClientGone, Reject) as exc:
                 if isinstance(exc, Reject):
-                    await downstream.respond(*self.error_response(exc.status, exc.message, target, set_cookie, close=True))
+                    await downstream.respond(
+                        *self.error_response(
+                            exc.status, exc.message, target, set_cookie, close=True
+                        )
+                    )
                 return
         if resp is None:
             status, message, kind = error or (502, "upstream unavailable", "connect")

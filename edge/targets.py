@@ -18,11 +18,19 @@ class Target:
 
     __slots__ = ("release", "arm", "pools", "upstream_headers", "_next")
 
-    def __init__(self, release: str, arm: str, cohort: str, pools: tuple[UpstreamPool, ...]) -> None:
+    def __init__(
+        self, release: str, arm: str, cohort: str, pools: tuple[UpstreamPool, ...]
+    ) -> None:
         self.release = release
         self.arm = arm
         self.pools = pools
-        head = b"x-turnout-arm: " + arm.encode() + b"\r\nx-turnout-release: " + release.encode() + b"\r\n"
+        head = (
+            b"x-turnout-arm: "
+            + arm.encode()
+            + b"\r\nx-turnout-release: "
+            + release.encode()
+            + b"\r\n"
+        )
         if cohort:
             head += b"x-turnout-cohort: " + cohort.encode() + b"\r\n"
         self.upstream_headers = head
@@ -58,7 +66,11 @@ class PoolSet:
                     self._tls = ssl.create_default_context()
                 kwargs["ssl"] = self._tls
             pool = UpstreamPool(
-                host, port, max_connections=self.max_connections, timeouts=self.timeouts, **kwargs  # type: ignore[arg-type]
+                host,
+                port,
+                max_connections=self.max_connections,
+                timeouts=self.timeouts,
+                **kwargs,  # type: ignore[arg-type]
             )
             self.pools[key] = pool
         return pool
@@ -66,8 +78,12 @@ class PoolSet:
     def targets(self, snapshot: Snapshot) -> dict[str, tuple[Target, Target]]:
         out: dict[str, tuple[Target, Target]] = {}
         for name, rel in snapshot.releases.items():
-            stable = Target(name, ARM_STABLE, rel.cohort, tuple(self.pool(u, ARM_STABLE) for u in rel.stable))
-            canary = Target(name, ARM_CANARY, rel.cohort, tuple(self.pool(u, ARM_CANARY) for u in rel.canary))
+            stable = Target(
+                name, ARM_STABLE, rel.cohort, tuple(self.pool(u, ARM_STABLE) for u in rel.stable)
+            )
+            canary = Target(
+                name, ARM_CANARY, rel.cohort, tuple(self.pool(u, ARM_CANARY) for u in rel.canary)
+            )
             out[name] = (stable, canary)
         return out
 

@@ -42,7 +42,9 @@ _RESERVED_CLOSE = {1005: 1000, 1006: 1011, 1015: 1011}
 
 
 class WebSocketProxy:
-    def __init__(self, pipeline: Pipeline, *, open_timeout_s: float = DEFAULT_OPEN_TIMEOUT_S) -> None:
+    def __init__(
+        self, pipeline: Pipeline, *, open_timeout_s: float = DEFAULT_OPEN_TIMEOUT_S
+    ) -> None:
         self.pipeline = pipeline
         self.open_timeout_s = open_timeout_s
 
@@ -53,7 +55,10 @@ class WebSocketProxy:
                 {
                     "type": "websocket.http.response.start",
                     "status": status,
-                    "headers": [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(body))],
+                    "headers": [
+                        (b"content-type", b"text/plain"),
+                        (b"content-length", b"%d" % len(body)),
+                    ],
                 }
             )
             await send({"type": "websocket.http.response.body", "body": body})
@@ -68,7 +73,11 @@ class WebSocketProxy:
         try:
             path = canonical_path(scope.get("raw_path") or scope["path"].encode("latin-1"))
             kept, host, unit_raw, cookie, email_raw, _, _ = pipeline.request_filter(
-                "GET", scope["headers"], scope.get("http_version", "1.1"), scope.get("client"), "http"
+                "GET",
+                scope["headers"],
+                scope.get("http_version", "1.1"),
+                scope.get("client"),
+                "http",
             )
             rel = pipeline.route(host, path)
             if rel is None:
@@ -96,14 +105,17 @@ class WebSocketProxy:
         headers += [tuple(h.split(": ", 1)) for h in extra]  # type: ignore[misc]
         origin = next((v.decode("latin-1") for n, v in scope["headers"] if n == b"origin"), None)
         subprotocols = [
-            p.strip() for n, v in scope["headers"] if n == b"sec-websocket-protocol" for p in v.decode().split(",")
+            p.strip()
+            for n, v in scope["headers"]
+            if n == b"sec-websocket-protocol"
+            for p in v.decode().split(",")
         ]
         try:
             upstream = await connect(
                 uri,
                 additional_headers=headers,
-                subprotocols=subprotocols or None,  # type: ignore[arg-type]
-                origin=origin,  # type: ignore[arg-type]
+                subprotocols=subprotocols or None,
+                origin=origin,
                 open_timeout=self.open_timeout_s,
                 max_size=MAX_MESSAGE_BYTES,
                 compression=None,
@@ -113,7 +125,12 @@ class WebSocketProxy:
         except (OSError, TimeoutError, InvalidHandshake, InvalidStatus) as exc:
             pipeline.metrics.error(target.release, target.arm, "websocket")
             log.info("websocket upstream %s failed: %s", uri, exc)
-            await self._refuse(send, scope, 502, f"websocket upstream unavailable (release {target.release}, arm {target.arm})")
+            await self._refuse(
+                send,
+                scope,
+                502,
+                f"websocket upstream unavailable (release {target.release}, arm {target.arm})",
+            )
             return
         key = (target.release, target.arm)
         pipeline.metrics.websockets[key] = pipeline.metrics.websockets.get(key, 0) + 1
@@ -122,7 +139,13 @@ class WebSocketProxy:
             accept_headers.append((b"set-cookie", set_cookie))
         if pipeline.expose:
             accept_headers.append((b"x-turnout-arm", target.arm.encode()))
-        await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol, "headers": accept_headers})
+        await send(
+            {
+                "type": "websocket.accept",
+                "subprotocol": upstream.subprotocol,
+                "headers": accept_headers,
+            }
+        )
         await self._relay(upstream, receive, send)
 
     async def _relay(self, upstream: ClientConnection, receive: Any, send: Any) -> None:
@@ -134,7 +157,9 @@ class WebSocketProxy:
                     await upstream.send(data if data is not None else message.get("text", ""))
                 elif message["type"] == "websocket.disconnect":
                     code = message.get("code", 1000)
-                    await upstream.close(_RESERVED_CLOSE.get(code, code), message.get("reason", "") or "")
+                    await upstream.close(
+                        _RESERVED_CLOSE.get(code, code), message.get("reason", "") or ""
+                    )
                     return
 
         async def upstream_to_client() -> None:
@@ -149,9 +174,18 @@ class WebSocketProxy:
             code = upstream.close_code if upstream.close_code is not None else 1000
             reason = upstream.close_reason or ""
             with contextlib.suppress(Exception):
-                await send({"type": "websocket.close", "code": _RESERVED_CLOSE.get(code, code), "reason": reason})
+                await send(
+                    {
+                        "type": "websocket.close",
+                        "code": _RESERVED_CLOSE.get(code, code),
+                        "reason": reason,
+                    }
+                )
 
-        tasks = [asyncio.create_task(client_to_upstream()), asyncio.create_task(upstream_to_client())]
+        tasks = [
+            asyncio.create_task(client_to_upstream()),
+            asyncio.create_task(upstream_to_client()),
+        ]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:

@@ -93,7 +93,9 @@ class EchoApp:
                 "path": path,
                 "raw_path": scope["raw_path"].decode("latin-1"),
                 "query": scope["query_string"].decode("latin-1"),
-                "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in scope["headers"]],
+                "headers": [
+                    [k.decode("latin-1"), v.decode("latin-1")] for k, v in scope["headers"]
+                ],
                 "body_length": len(body),
             }
         )
@@ -116,7 +118,13 @@ class EchoApp:
 
     async def _stream(self, send: Any, total: int, chunk: int) -> None:
         self.streams_started += 1
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"x-backend", self.name.encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"x-backend", self.name.encode())],
+            }
+        )
         block = b"x" * chunk
         sent = 0
         while sent < total:
@@ -126,17 +134,30 @@ class EchoApp:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _gated(self, send: Any, receive: Any, total: int) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % total)]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-length", b"%d" % total)],
+            }
+        )
         await send({"type": "http.response.body", "body": b"a" * (total // 2), "more_body": True})
         await self.gate.wait()
-        await send({"type": "http.response.body", "body": b"b" * (total - total // 2), "more_body": False})
+        await send(
+            {"type": "http.response.body", "body": b"b" * (total - total // 2), "more_body": False}
+        )
 
     async def _websocket(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         message = await receive()
         assert message["type"] == "websocket.connect"
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         await send({"type": "websocket.accept"})
-        await send({"type": "websocket.send", "text": f"hello from {self.name} arm={headers.get('x-turnout-arm')}"})
+        await send(
+            {
+                "type": "websocket.send",
+                "text": f"hello from {self.name} arm={headers.get('x-turnout-arm')}",
+            }
+        )
         while True:
             message = await receive()
             if message["type"] == "websocket.disconnect":
@@ -249,7 +270,9 @@ class TurnoutInstance:
 
             flagger = asyncio.create_task(flag())
             try:
-                await serve(self.settings, started=started, stop_event=self._stop, context=self.context)
+                await serve(
+                    self.settings, started=started, stop_event=self._stop, context=self.context
+                )
             finally:
                 flagger.cancel()
 
@@ -293,4 +316,7 @@ def backends(*names: str) -> Iterator[dict[str, ThreadedServer]]:
 def release_doc(stable: str, canary: str, *, stage: str = "beta", **extra: Any) -> dict[str, Any]:
     release: dict[str, Any] = {"stable": [stable], "canary": [canary], "stage": stage}
     release.update(extra)
-    return {"releases": {"web": release}, "routes": [{"host": "*", "path_prefix": "/", "release": "web"}]}
+    return {
+        "releases": {"web": release},
+        "routes": [{"host": "*", "path_prefix": "/", "release": "web"}],
+    }

@@ -72,14 +72,18 @@ def up() -> Any:
 @pytest.fixture
 def inst(up: Any, tmp_path: Path) -> Any:
     seed = release_doc(
-        up["stable"].url, up["canary"].url, internal={"unit_ids": ["alice"], "email_domains": ["corp.example"]}
+        up["stable"].url,
+        up["canary"].url,
+        internal={"unit_ids": ["alice"], "email_domains": ["corp.example"]},
     )
     instance = TurnoutInstance(tmp_path / "state", seed=seed, expose_decision_headers=True).start()
     yield instance
     instance.stop()
 
 
-def test_beta_split_is_ten_percent_sticky_monotonic_and_survives_restart(up: Any, tmp_path: Path) -> None:
+def test_beta_split_is_ten_percent_sticky_monotonic_and_survives_restart(
+    up: Any, tmp_path: Path
+) -> None:
     """10,000 ids at beta: 10 % ± 1 pt canary, the contract's arm, sticky, monotonic to open, kept across a restart."""
     state = tmp_path / "state"
     instance = TurnoutInstance(state, seed=release_doc(up["stable"].url, up["canary"].url)).start()
@@ -105,7 +109,9 @@ def test_beta_split_is_ten_percent_sticky_monotonic_and_survives_restart(up: Any
         restarted.stop()
 
 
-def test_rollback_sends_everyone_to_stable_and_restore_brings_the_stage_back(inst: TurnoutInstance) -> None:
+def test_rollback_sends_everyone_to_stable_and_restore_brings_the_stage_back(
+    inst: TurnoutInstance,
+) -> None:
     """Rollback: next request all stable (internal users too), version rises, explain says why; restore brings beta back."""
     units = [f"u{i}" for i in range(2000)] + ["alice"]
     before = arms(inst.edge_port, units)
@@ -116,7 +122,9 @@ def test_rollback_sends_everyone_to_stable_and_restore_brings_the_stage_back(ins
     assert resp.status_code == 200, resp.text
     assert resp.json()["version"] == v0 + 1
     assert set(arms(inst.edge_port, units).values()) == {"stable"}
-    explained = admin(inst, "GET", "/api/v1/releases/web/explain", params={"unit_id": "alice"}).json()
+    explained = admin(
+        inst, "GET", "/api/v1/releases/web/explain", params={"unit_id": "alice"}
+    ).json()
     assert explained["arm"] == "stable" and "error rate 7%" in explained["explanation"]
     resp = admin(inst, "POST", f"/api/v1/versions/{v0}/restore")
     assert resp.status_code == 200, resp.text
@@ -128,9 +136,16 @@ def test_rollback_sends_everyone_to_stable_and_restore_brings_the_stage_back(ins
 def test_stale_if_match_is_refused_and_changes_nothing(inst: TurnoutInstance) -> None:
     """A write with a stale If-Match gets 412 and leaves version and stage as they were."""
     v = admin(inst, "GET", "/api/v1/config").json()["version"]
-    assert admin(inst, "POST", "/api/v1/releases/web/rollback", json={"reason": "ops"}).status_code == 200
+    assert (
+        admin(inst, "POST", "/api/v1/releases/web/rollback", json={"reason": "ops"}).status_code
+        == 200
+    )
     resp = admin(
-        inst, "POST", "/api/v1/releases/web/stage", json={"stage": "ga"}, headers={"if-match": f'"{v}"'}
+        inst,
+        "POST",
+        "/api/v1/releases/web/stage",
+        json={"stage": "ga"},
+        headers={"if-match": f'"{v}"'},
     )
     assert resp.status_code == 412
     cfg = admin(inst, "GET", "/api/v1/config").json()
@@ -138,7 +153,9 @@ def test_stale_if_match_is_refused_and_changes_nothing(inst: TurnoutInstance) ->
     assert cfg["document"]["releases"]["web"]["stage"] == "off"
 
 
-def test_invalid_config_is_refused_by_field_and_traffic_keeps_flowing(inst: TurnoutInstance) -> None:
+def test_invalid_config_is_refused_by_field_and_traffic_keeps_flowing(
+    inst: TurnoutInstance,
+) -> None:
     """An invalid release (percent 150, ftp upstream) gets 422 naming the field; the old version keeps serving."""
     v = admin(inst, "GET", "/api/v1/config").json()["version"]
     resp = admin(inst, "POST", "/api/v1/releases/web/stage", json={"percent": 150})
@@ -166,7 +183,9 @@ def test_upstream_sees_computed_forwarding_and_decision_headers_only(inst: Turno
     }
     resp = httpx.get(inst.edge_url + "/p?q=1", headers=headers)
     got = {k: v for k, v in resp.json()["headers"]}
-    assert got["x-turnout-arm"] == "canary"  # alice is internal: the real decision, not the client's
+    assert (
+        got["x-turnout-arm"] == "canary"
+    )  # alice is internal: the real decision, not the client's
     assert got["x-turnout-release"] == "web"
     assert got["x-forwarded-for"] == "127.0.0.1"
     assert got["x-forwarded-proto"] == "http"
@@ -178,7 +197,9 @@ def test_upstream_sees_computed_forwarding_and_decision_headers_only(inst: Turno
 
 def test_response_hop_by_hop_removed_and_cookies_kept_apart(inst: TurnoutInstance) -> None:
     """Upstream Connection-nominated and Keep-Alive headers are stripped; two Set-Cookie lines stay two."""
-    raw = raw_request(inst.edge_port, b"GET /r HTTP/1.1\r\nHost: a\r\nX-User-Id: bob\r\nConnection: close\r\n\r\n")
+    raw = raw_request(
+        inst.edge_port, b"GET /r HTTP/1.1\r\nHost: a\r\nX-User-Id: bob\r\nConnection: close\r\n\r\n"
+    )
     head = raw.split(b"\r\n\r\n", 1)[0].lower()
     assert head.startswith(b"http/1.1 200")
     assert b"x-secret-hop" not in head and b"keep-alive: timeout" not in head
@@ -196,8 +217,14 @@ def test_response_hop_by_hop_removed_and_cookies_kept_apart(inst: TurnoutInstanc
         (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", b"400"),
         (b"GET / HTTP/1.1\r\n\r\n", b"400"),
         (b"GET / HTTP/1.1\r\nHost: a b@c/d\r\n\r\n", b"400"),
-        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", b"501"),
-        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"400"),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            b"501",
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"400",
+        ),
         (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 999999999999\r\n\r\n", b"413"),
     ],
 )
@@ -229,15 +256,24 @@ def test_anonymous_user_gets_a_signed_sticky_cookie(inst: TurnoutInstance) -> No
             assert again.json()["backend"] == arm
             assert "turnout_uid" not in again.headers.get("set-cookie", "")
         unit = cookie.rsplit(".", 1)[0]
-        forged = httpx.get(inst.edge_url + "/x", cookies={"turnout_uid": unit + ".AAAAAAAAAAAAAAAAAAAAAA"})
+        forged = httpx.get(
+            inst.edge_url + "/x", cookies={"turnout_uid": unit + ".AAAAAAAAAAAAAAAAAAAAAA"}
+        )
         assert "turnout_uid=" in forged.headers.get("set-cookie", "")
         assert unit not in forged.headers["set-cookie"]
 
 
-def test_large_response_streams_before_the_upstream_finishes(inst: TurnoutInstance, up: Any) -> None:
+def test_large_response_streams_before_the_upstream_finishes(
+    inst: TurnoutInstance, up: Any
+) -> None:
     """The first half of a response reaches the client while the upstream still holds the second half."""
     total = 2 * 1024 * 1024
-    with httpx.stream("GET", inst.edge_url + f"/gate?bytes={total}", headers={"x-user-id": STABLE_UNIT}, timeout=10) as r:
+    with httpx.stream(
+        "GET",
+        inst.edge_url + f"/gate?bytes={total}",
+        headers={"x-user-id": STABLE_UNIT},
+        timeout=10,
+    ) as r:
         received = 0
         it = r.iter_raw()
         while received < total // 2:
@@ -255,7 +291,8 @@ def test_client_disconnect_storm_returns_the_pool_to_idle(inst: TurnoutInstance)
     async def one(i: int) -> None:
         reader, writer = await asyncio.open_connection(LOOPBACK, inst.edge_port)
         writer.write(
-            b"GET /stream?bytes=268435456&chunk=65536 HTTP/1.1\r\nHost: a\r\nX-User-Id: u%d\r\n\r\n" % i
+            b"GET /stream?bytes=268435456&chunk=65536 HTTP/1.1\r\nHost: a\r\nX-User-Id: u%d\r\n\r\n"
+            % i
         )
         await writer.drain()
         await reader.readexactly(4096)
@@ -350,7 +387,10 @@ def test_config_change_applies_on_the_next_request_under_load(inst: TurnoutInsta
     for t in threads:
         t.start()
     time.sleep(0.3)
-    assert admin(inst, "POST", "/api/v1/releases/web/rollback", json={"reason": "r"}).status_code == 200
+    assert (
+        admin(inst, "POST", "/api/v1/releases/web/rollback", json={"reason": "r"}).status_code
+        == 200
+    )
     after = arms(inst.edge_port, [f"h{i}" for i in range(500)])
     stop.set()
     for t in threads:

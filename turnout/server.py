@@ -39,7 +39,9 @@ class _Server(uvicorn.Server):
 def make_store(settings: Settings) -> Store:
     from flags.stores import make_store as _make
 
-    return _make(settings.store or str(settings.store_dir), poll_interval_s=settings.poll_interval_s)
+    return _make(
+        settings.store or str(settings.store_dir), poll_interval_s=settings.poll_interval_s
+    )
 
 
 def read_seed(settings: Settings) -> dict[str, Any] | None:
@@ -64,7 +66,9 @@ async def seed_store(store: Store, settings: Settings) -> None:
         return
     document = load_document(raw)  # invalid -> ConfigError naming the field, nothing written
     if await store.current_version() == 0:
-        await store.commit(document, expected_version=0, actor="seed", summary="initial configuration")
+        await store.commit(
+            document, expected_version=0, actor="seed", summary="initial configuration"
+        )
 
 
 def edge_config(app: Any, settings: Settings) -> uvicorn.Config:
@@ -121,7 +125,9 @@ async def serve(
         raise
     except Exception as exc:  # noqa: BLE001 - the store may be down; the watcher copes
         log.warning("store not reachable at start: %s", exc)
-    watcher = ConfigWatcher(store, bootstrap_path=settings.bootstrap_file, poll_interval_s=settings.poll_interval_s)
+    watcher = ConfigWatcher(
+        store, bootstrap_path=settings.bootstrap_file, poll_interval_s=settings.poll_interval_s
+    )
     await watcher.start()
     registry = CollectorRegistry()
     edge = Edge(settings, watcher, registry)
@@ -147,8 +153,12 @@ async def serve(
             await asyncio.sleep(0.01)
         log.info(
             "turnout edge on http://%s:%d, admin on http://%s:%d (config version %d, %s)",
-            settings.edge_host, settings.edge_port, settings.admin_host, settings.admin_port,
-            watcher.version, watcher.source,
+            settings.edge_host,
+            settings.edge_port,
+            settings.admin_host,
+            settings.admin_port,
+            watcher.version,
+            watcher.source,
         )
         if started is not None:
             started.set()
@@ -192,6 +202,8 @@ def install_event_loop_policy() -> None:
 
 
 def run(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     install_event_loop_policy()
     asyncio.run(serve(settings))
