@@ -30,6 +30,7 @@ def routes(ctx: AdminContext) -> list[Route]:
             "stale": watcher.stale,
             "connected": watcher.connected,
             "config_age_s": round(watcher.age_seconds(), 3),
+            "pending_override": watcher.pending_override,
         }
         return json_response(body, status=200 if ready else 503)
 

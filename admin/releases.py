@@ -65,7 +65,9 @@ def routes(ctx: AdminContext) -> list[Route]:
             check_fields(body, ("stage", "percent"))
             return set_stage(doc, name, stage=body.get("stage"), percent=body.get("percent"))
 
-        return await perform_write(ctx, request, action="release.stage", target=name, edit=edit)
+        return await perform_write(
+            ctx, request, action="release.stage", target=name, edit=edit, local_override=True
+        )
 
     async def roll_back(request: Request) -> Response:
         name = request.path_params["name"]
@@ -75,7 +77,9 @@ def routes(ctx: AdminContext) -> list[Route]:
             check_fields(body, ("reason",))
             return rollback(doc, name, body.get("reason", ""))
 
-        return await perform_write(ctx, request, action="release.rollback", target=name, edit=edit)
+        return await perform_write(
+            ctx, request, action="release.rollback", target=name, edit=edit, local_override=True
+        )
 
     async def explain_unit(request: Request) -> Response:
         """Why a unit gets its arm, over the snapshot this instance serves right now."""

@@ -33,7 +33,7 @@ from admin.audit import (
 from admin.auth import actor_from
 from admin.context import AdminContext
 from admin.inputs import parse_if_match, read_json
-from admin.responses import ApiError, versioned_response
+from admin.responses import ApiError, json_response, versioned_response
 from flags.document import Document
 from flags.errors import ConfigError
 
@@ -41,6 +41,7 @@ Edit = Callable[[Document, dict[str, Any]], Awaitable[tuple[Document, str]]]
 """A change: (the store's latest document, the request body) -> (new document, summary)."""
 
 REQUEST_ID_HEADER = "x-request-id"
+LOCAL_OVERRIDE_FIELD = "local_override"
 _UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'Bearer realm="turnout-admin"'}
 
 
@@ -57,8 +58,14 @@ async def perform_write(
     target: str,
     edit: Edit,
     body_required: bool = True,
+    local_override: bool = False,
 ) -> Response:
-    """Run one write through the pipeline; the response for the client."""
+    """Run one write through the pipeline; the response for the client.
+
+    With `local_override` (stage and rollback only), a body field `"local_override": true`
+    lets ops change this instance even while the store is unreachable (HARDENING.md §4.3
+    rule 6): the edit is applied to the snapshot being served, kept in the bootstrap file,
+    answered with 202, and committed as a new version when the store returns."""
     event = AuditEvent(
         actor=actor_from(request.headers),
         action=action,
@@ -67,7 +74,7 @@ async def perform_write(
         request_id=_request_id(request),
     )
     try:
-        response = await _write(ctx, request, event, edit, body_required)
+        response = await _write(ctx, request, event, edit, body_required, local_override)
     except ApiError as exc:
         event.status = exc.status
         event.detail = f"{exc.field}: {exc.message}" if exc.field else exc.message
@@ -94,6 +101,7 @@ async def _write(
     event: AuditEvent,
     edit: Edit,
     body_required: bool,
+    local_override_allowed: bool,
 ) -> Response:
     authorization = request.headers.get("authorization")
     if not ctx.auth.check(authorization):
@@ -108,7 +116,52 @@ async def _write(
     reason = body.get("reason")
     if isinstance(reason, str):
         event.reason = reason
+    local = body.pop(LOCAL_OVERRIDE_FIELD, False) if local_override_allowed else False
+    if not isinstance(local, bool):
+        raise ApiError(422, "must be true or false", field=LOCAL_OVERRIDE_FIELD)
+    try:
+        return await _commit(ctx, event, edit, body, accepted)
+    except ApiError as exc:
+        if not (local and exc.status == 503 and not ctx.watcher.connected):
+            raise
+        return await _apply_locally(ctx, event, edit, body, exc.message)
 
+
+async def _apply_locally(
+    ctx: AdminContext, event: AuditEvent, edit: Edit, body: dict[str, Any], why: str
+) -> Response:
+    """The store is down: change what this instance serves, commit later."""
+    base = ctx.watcher.snapshot.document
+    try:
+        new, summary = await edit(base, body)
+    except ConfigError as exc:
+        raise ApiError(422, exc.message, field=exc.field or None) from None
+    try:
+        await ctx.watcher.apply_local_override(new, summary, event.actor)
+    except ConfigError as exc:
+        raise ApiError(422, exc.message, field=exc.field or None) from None
+    event.before_version = base.version
+    event.detail = f"local override while the store is down ({why})"
+    return json_response(
+        {
+            "local_override": True,
+            "pending": True,
+            "summary": summary,
+            "served_version": base.version,
+            "message": "applied on this instance only; it becomes a new version when the "
+            "store is reachable again",
+        },
+        status=202,
+    )
+
+
+async def _commit(
+    ctx: AdminContext,
+    event: AuditEvent,
+    edit: Edit,
+    body: dict[str, Any],
+    accepted: frozenset[int] | None,
+) -> Response:
     latest = await ctx.latest()
     before = latest.version if latest is not None else 0
     event.before_version = before

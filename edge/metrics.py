@@ -158,6 +158,11 @@ class TurnoutCollector(Collector):
             "1 when serving a configuration the store has not confirmed",
             value=1 if w.stale else 0,
         )
+        yield GaugeMetricFamily(
+            "turnout_local_override_pending",
+            "1 while a local override (made with the store down) waits to be committed",
+            value=1 if w.pending_override else 0,
+        )
         rejected = CounterMetricFamily(
             "turnout_config_rejected",
             "Configuration versions rejected, by reason",

@@ -196,6 +196,9 @@ def _percent(value: Any) -> str:
 
 
 def _written(data: Any) -> None:
+    if data.get("local_override"):
+        print(f"local override on this instance: {data.get('summary', '')} ({data.get('message')})")
+        return
     print(f"version {data.get('version')}: {data.get('summary', '')}")
 
 
@@ -208,6 +211,8 @@ def cmd_stage(client: AdminClient, args: argparse.Namespace) -> int:
     body: dict[str, Any] = (
         {"percent": float(match.group(1))} if match is not None else {"stage": value.strip()}
     )
+    if args.local:
+        body["local_override"] = True
     _written(
         client.write("POST", f"/api/v1/releases/{_quote(args.release)}/stage", body, args.if_match)
     )
@@ -216,7 +221,19 @@ def cmd_stage(client: AdminClient, args: argparse.Namespace) -> int:
 
 def cmd_rollback(client: AdminClient, args: argparse.Namespace) -> int:
     path = f"/api/v1/releases/{_quote(args.release)}/rollback"
-    _written(client.write("POST", path, {"reason": args.reason}, args.if_match))
+    body: dict[str, Any] = {"reason": args.reason}
+    if args.local:
+        body["local_override"] = True
+    _written(client.write("POST", path, body, args.if_match))
+    return EXIT_OK
+
+
+def cmd_store_reseed(client: AdminClient, args: argparse.Namespace) -> int:
+    data = client.write("POST", "/api/v1/store/reseed", None, None)
+    if data.get("reseeded"):
+        print(f"store re-seeded with version {data.get('version')} from this instance")
+    else:
+        print(f"nothing to do: the store already holds version >= {data.get('version')}")
     return EXIT_OK
 
 
@@ -449,6 +466,18 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = client_command("rollback", "send everyone to stable now", cmd_rollback, writes=True)
     rollback.add_argument("release")
     rollback.add_argument("--reason", required=True)
+    local_help = (
+        "if the store is unreachable, apply on this instance now and commit when it returns"
+    )
+    rollback.add_argument("--local", action="store_true", help=local_help)
+    stage.add_argument("--local", action="store_true", help=local_help)
+
+    store = client_command("store", "store maintenance", cmd_store_reseed)
+    store.add_argument(
+        "action",
+        choices=["reseed"],
+        help="reseed: write this instance's last-known-good configuration back to the store",
+    )
 
     client_command("status", "releases, stages and readiness", cmd_status)
 
