@@ -122,7 +122,7 @@ async def _write(
     try:
         return await _commit(ctx, event, edit, body, accepted)
     except ApiError as exc:
-        if not (local and exc.status == 503 and not ctx.watcher.connected):
+        if not (local and exc.status == 503):
             raise
         return await _apply_locally(ctx, event, edit, body, exc.message)
 

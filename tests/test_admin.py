@@ -600,3 +600,56 @@ def test_every_write_attempt_is_audited(admin: Admin, caplog: pytest.LogCaptureF
 def test_audit_escape_spells_out_control_characters() -> None:
     """C0, DEL, C1 and Unicode line separators are escaped; printable text is kept."""
     assert escape("a\x00b\x7fc\x85d\u2028e é") == "a\\x00b\\x7fc\\x85d\\u2028e é"
+
+
+# -- store down: local overrides and re-seed --------------------------------------------------
+
+
+def test_local_override_rolls_back_this_instance_while_the_store_is_down(
+    admin: Admin, tmp_path: Path
+) -> None:
+    """With the store unreadable, a rollback asking for a local override is served at once (202) and pending."""
+    marker = tmp_path / "store" / "CURRENT"
+    marker.unlink()
+    marker.mkdir()
+    plain = admin.client.post(
+        "/api/v1/releases/web/rollback", json={"reason": "store down"}, headers=AUTH
+    )
+    assert plain.status_code == 503
+    assert admin.watcher.snapshot.releases["web"].disabled is False
+    response = admin.client.post(
+        "/api/v1/releases/web/rollback",
+        json={"reason": "store down", "local_override": True},
+        headers=AUTH,
+    )
+    assert response.status_code == 202, response.text
+    assert response.json()["local_override"] is True
+    assert admin.watcher.snapshot.releases["web"].disabled is True
+    assert admin.watcher.pending_override is True
+    assert admin.client.get("/readyz").json()["pending_override"] is True
+
+
+def test_local_override_flag_must_be_boolean(admin: Admin) -> None:
+    """`local_override` other than true/false is refused with 422 naming it; nothing changes."""
+    response = admin.stage({"stage": "ga", "local_override": "yes"})
+    assert response.status_code == 422
+    assert response.json()["field"] == "local_override"
+    assert admin.version() == 1
+
+
+def test_store_reseed_needs_the_token_and_restores_the_emptied_store(
+    admin: Admin, tmp_path: Path
+) -> None:
+    """POST /api/v1/store/reseed: 401 without the token; with it, an emptied store gets version 1 back."""
+    store_dir = tmp_path / "store"
+    (store_dir / "CURRENT").unlink()
+    for version_file in (store_dir / "versions").iterdir():
+        version_file.unlink()
+    assert admin.client.post("/api/v1/store/reseed").status_code == 401
+    assert admin.version() == 0
+    response = admin.client.post("/api/v1/store/reseed", headers=AUTH)
+    assert response.status_code == 200, response.text
+    assert response.json()["reseeded"] is True
+    assert admin.version() == 1
+    again = admin.client.post("/api/v1/store/reseed", headers=AUTH)
+    assert again.json()["reseeded"] is False
