@@ -467,10 +467,7 @@ class Pipeline:
                     *self.error_response(404, "no route for this host and path", None)
                 )
                 return
-            unit, set_cookie = self.identity.resolve(unit_raw, cookie)
-            email = email_raw.decode("utf-8", "replace") if email_raw is not None else None
-            decision = rel.assign(unit, email)
-            target = self.targets[rel.name][1 if decision.arm == ARM_CANARY else 0]
+            target, set_cookie = self.upstream_peer(rel, unit_raw, cookie, email_raw)
         except Reject as exc:
             await downstream.respond(
                 *self.error_response(exc.status, exc.message, None, close=exc.close)
@@ -478,6 +475,20 @@ class Pipeline:
             return
         head = self.upstream_request_head(method, path, query, host, kept, target, length, chunked)
         await self.forward(method, head, length, chunked, target, set_cookie, downstream)
+
+    def upstream_peer(
+        self,
+        rel: CompiledRelease,
+        unit_raw: bytes | None,
+        cookie: bytes | None,
+        email_raw: bytes | None,
+    ) -> tuple[Target, bytes | None]:
+        """identify + decide + upstream_peer, shared by HTTP and WebSocket: the unit's target,
+        and the Set-Cookie value when a new anonymous id was assigned."""
+        unit, set_cookie = self.identity.resolve(unit_raw, cookie)
+        email = email_raw.decode("utf-8", "replace") if email_raw is not None else None
+        decision = rel.assign(unit, email)
+        return self.targets[rel.name][1 if decision.arm == ARM_CANARY else 0], set_cookie
 
     def upstream_request_head(
         self,

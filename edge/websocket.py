@@ -16,7 +16,6 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from edge.pipeline import Pipeline, Reject, canonical_path
-from flags.evaluate import ARM_CANARY
 
 log = logging.getLogger("turnout.edge.websocket")
 
@@ -83,10 +82,7 @@ class WebSocketProxy:
             if rel is None:
                 await self._refuse(send, scope, 404, "no route for this host and path")
                 return
-            unit, set_cookie = pipeline.identity.resolve(unit_raw, cookie)
-            email = email_raw.decode("utf-8", "replace") if email_raw is not None else None
-            decision = rel.assign(unit, email)
-            target = pipeline.targets[rel.name][1 if decision.arm == ARM_CANARY else 0]
+            target, set_cookie = pipeline.upstream_peer(rel, unit_raw, cookie, email_raw)
         except Reject as exc:
             await self._refuse(send, scope, exc.status, exc.message)
             return
