@@ -163,6 +163,11 @@ class TurnoutCollector(Collector):
             "1 while a local override (made with the store down) waits to be committed",
             value=1 if w.pending_override else 0,
         )
+        yield CounterMetricFamily(
+            "turnout_store_failover_reloads",
+            "Times a store failover lost versions and the new master's version was adopted",
+            value=w.failover_reloads,
+        )
         rejected = CounterMetricFamily(
             "turnout_config_rejected",
             "Configuration versions rejected, by reason",

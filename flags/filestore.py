@@ -82,6 +82,7 @@ class FileStore:
         self.versions_dir = self.root / "versions"
         self.marker = self.root / "CURRENT"
         self.poll_interval_s = poll_interval_s
+        self.generation = 0  # one directory: never replaced underneath us
         self._closed = asyncio.Event()
         self._local_change = asyncio.Event()
 

@@ -195,6 +195,9 @@ class RedisStore:
         self._seed_script = client.register_script(_SEED_LUA)
         self._closed = asyncio.Event()
         self._master_checked = -MASTER_CHECK_INTERVAL_S
+        # Bumped on every Sentinel failover seen (Store protocol: `generation`).
+        self.generation = 0
+        self._last_master: tuple[str, int] | None = None
 
     @classmethod
     def from_url(
@@ -318,7 +321,13 @@ class RedisStore:
             except StoreError as exc:
                 log.debug("sentinel discovery failed: %s", exc)
         address = pool.master_address
-        return (str(address[0]), int(address[1])) if address else None
+        current = (str(address[0]), int(address[1])) if address else None
+        if current is not None and current != self._last_master:
+            if self._last_master is not None:
+                self.generation += 1  # a failover: the watcher adopts the new master's truth
+                log.warning("Redis master moved %s:%d -> %s:%d", *self._last_master, *current)
+            self._last_master = current
+        return current
 
     async def _check_run_id(self) -> None:
         """Notice a restarted server (`INFO server` run_id): worth a log line, because a
@@ -359,6 +368,9 @@ class RedisStore:
         return data, digest
 
     async def latest(self) -> Revision | None:
+        # Writers read the base here and then commit: both must reach the same master, and a
+        # commit always re-asks the sentinels, so this read does too.
+        await self._follow_master(force=True)
         version = await self.current_version()
         if version == 0:
             return None

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     store: str = ""
     bootstrap_path: str | None = None  # default <state_dir>/bootstrap.json
     poll_interval_s: float = Field(default=2.0, gt=0, le=60)
+    # Redis: an admin write is reported done only once this many replicas have it (WAIT), so
+    # a failover cannot drop a write that was answered 200. Default: 1 with Sentinel, else 0.
+    store_wait_replicas: int | None = Field(default=None, ge=0, le=10)
+    store_wait_timeout_ms: int = Field(default=500, ge=1, le=60_000)
     # Initial document (YAML or JSON file) written as version 1 when the store is empty.
     seed_file: str | None = None
     # The same, inline in the YAML settings file.
@@ -97,6 +101,12 @@ class Settings(BaseSettings):
     @property
     def uses_redis(self) -> bool:
         return self.store.startswith(("redis://", "rediss://", "redis+sentinel://"))
+
+    @property
+    def wait_replicas(self) -> int:
+        if self.store_wait_replicas is not None:
+            return self.store_wait_replicas
+        return 1 if self.store.startswith("redis+sentinel://") else 0
 
     @property
     def store_dir(self) -> Path | None:

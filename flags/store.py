@@ -61,6 +61,11 @@ class Revision:
 class Store(Protocol):
     """A versioned document store with compare-and-set writes and change hints."""
 
+    generation: int
+    """Bumped when the store's backing server was replaced (a Sentinel failover). Versions
+    acknowledged by the old server but never replicated are gone then, so a watcher adopts
+    the new server's (possibly lower) version instead of holding on to a vanished one."""
+
     async def open(self) -> None:
         """Connect / create what is needed. May raise `StoreUnavailable`."""
 

@@ -146,6 +146,8 @@ class ConfigWatcher:
         self.connected = False
         self.last_sync_monotonic = time.monotonic()
         self.rejected: Counter[str] = Counter()
+        self.failover_reloads = 0
+        self._generation = getattr(store, "generation", 0)
         self.last_reject_reason = ""
         self.listeners: list[ApplyListener] = []
         self.apply_lags: collections.deque[float] = collections.deque(maxlen=APPLY_LAG_SAMPLES)
@@ -248,6 +250,33 @@ class ConfigWatcher:
 
     async def _sync_once(self) -> None:
         version = await self.store.current_version()
+        generation = self.store.generation  # read after the call that may notice a failover
+        try:
+            await self._sync_version(version, generation)
+        finally:
+            self._generation = generation
+
+    async def _adopt_after_failover(self, version: int) -> None:
+        """The store's server was replaced and its version is lower than the one served:
+        what this instance applied from the old master was never replicated. Serve the new
+        master's truth rather than a version that no longer exists anywhere."""
+        try:
+            revision = await self.store.latest()
+        except ConfigError as exc:
+            self._reject(REJECT_INVALID, version, f"version {version}: {exc}")
+            return
+        if revision is None:
+            return
+        lost = self.version
+        self.failover_reloads += 1
+        self._apply(revision)
+        audit.warning(
+            "store failover: version %d was lost with the old master; serving version %d",
+            lost,
+            revision.version,
+        )
+
+    async def _sync_version(self, version: int, generation: int) -> None:
         if version == 0 and self.last_known_good() is not None:
             self._reject(REJECT_EMPTY, 0, "store holds no configuration (restarted empty?)")
             if not self.reseed_on_empty:
@@ -260,6 +289,9 @@ class ConfigWatcher:
             await self._reconcile(self.override, version)
             return
         if self.source != SOURCE_DEFAULT and version < self.version:
+            if generation != self._generation and self.source == SOURCE_STORE:
+                await self._adopt_after_failover(version)
+                return
             self._reject(
                 REJECT_REGRESSED, version, f"store is at {version}, serving {self.version}"
             )

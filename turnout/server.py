@@ -40,7 +40,12 @@ def make_store(settings: Settings) -> Store:
     from flags.stores import make_store as _make
 
     return _make(
-        settings.store or str(settings.store_dir), poll_interval_s=settings.poll_interval_s
+        settings.store or str(settings.store_dir),
+        poll_interval_s=settings.poll_interval_s,
+        redis_options={
+            "wait_replicas": settings.wait_replicas,
+            "wait_timeout_ms": settings.store_wait_timeout_ms,
+        },
     )
 
 
