@@ -101,7 +101,6 @@ _TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
 _HOST_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:[]")
 _UNRESERVED = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
-_SLOW_PATH_BYTES = (b"%", b"/.", b"\\", b"#")
 
 
 class Downstream(Protocol):
@@ -147,8 +146,8 @@ def canonical_path(raw: bytes) -> bytes:
     """
     if not raw.startswith(b"/"):
         raise Reject(400, "request target must be an absolute path")
-    if not any(b in raw for b in _SLOW_PATH_BYTES):
-        return raw
+    if b"%" not in raw and b"/." not in raw and b"\\" not in raw and b"#" not in raw:
+        return raw  # the common case: nothing to decode or refuse
     if b"#" in raw or b"\\" in raw:
         raise Reject(400, "fragment or backslash in request path")
     out = bytearray()
@@ -564,7 +563,7 @@ class Pipeline:
             )
             metrics.count(release, arm, exc.status)
             return
-        replayable = not isinstance(body, AsyncIterator)
+        replayable = body is None or type(body) is bytes  # not an ABC check: hot path
         attempts = len(target.pools) if replayable else 1
         started = time.perf_counter()
         resp: UpstreamResponse | None = None

@@ -19,6 +19,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from edge.app import Edge
+from edge.httpserver import TurnoutHttpProtocol
 from flags.document import load_document
 from flags.errors import ConfigError
 from flags.settings import Settings
@@ -82,7 +83,7 @@ def edge_config(app: Any, settings: Settings) -> uvicorn.Config:
         host=settings.edge_host,
         port=settings.edge_port,
         loop="none",
-        http="httptools",
+        http=TurnoutHttpProtocol,  # httptools, one write per small response
         ws="websockets-sansio",
         lifespan="off",
         proxy_headers=False,  # X-Forwarded-* are computed by the pipeline (HARDENING §2.3)
