@@ -13,7 +13,7 @@ from edge.identity import CookieSigner, Identity
 from edge.metrics import EdgeMetrics, TurnoutCollector
 from edge.pipeline import Pipeline
 from edge.targets import PoolSet
-from edge.upstream import Timeouts, UpstreamPool
+from edge.upstream import Timeouts
 from edge.websocket import WebSocketProxy
 from flags.evaluate import Snapshot
 from flags.secretfile import read_or_create_secret
@@ -70,11 +70,10 @@ class Edge:
     def _on_config(self, snapshot: Snapshot, revision: Revision | None) -> None:
         unused = self.pipeline.apply(snapshot)
         for pool in unused:
-            if isinstance(pool, UpstreamPool):
-                with contextlib.suppress(RuntimeError):
-                    task = asyncio.get_running_loop().create_task(pool.aclose())
-                    self._closing.add(task)
-                    task.add_done_callback(self._closing.discard)
+            with contextlib.suppress(RuntimeError):  # no running loop: nothing to close on
+                task = asyncio.get_running_loop().create_task(pool.aclose())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
 
     async def aclose(self) -> None:
         await self.pools.aclose()

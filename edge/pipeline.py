@@ -31,6 +31,7 @@ from edge.targets import PoolSet, Target
 from edge.upstream import (
     UpstreamConnectError,
     UpstreamError,
+    UpstreamPool,
     UpstreamProtocolError,
     UpstreamResponse,
     UpstreamTimeout,
@@ -230,20 +231,19 @@ class Pipeline:
 
     # -- configuration -----------------------------------------------------------------------
 
-    def apply(self, snapshot: Snapshot) -> list[object]:
+    def apply(self, snapshot: Snapshot) -> list[UpstreamPool]:
         """Swap in a new snapshot with its targets (one assignment each, same tick).
         Returns pools nobody uses any more, for the caller to close."""
         targets = self.pools.targets(snapshot)
         self.targets = targets
         self.snapshot = snapshot
         self._version_header = str(snapshot.version).encode()
-        return list(self.pools.unused(targets.values()))
+        return self.pools.unused(targets.values())
 
     # -- phases --------------------------------------------------------------------------------
 
     def request_filter(
         self,
-        method: str,
         headers: list[tuple[bytes, bytes]],
         http_version: str,
         client: tuple[str, int] | None,
@@ -458,7 +458,7 @@ class Pipeline:
         try:
             path = canonical_path(raw_path)
             kept, host, unit_raw, cookie, email_raw, length, chunked = self.request_filter(
-                method, headers, http_version, client, scheme
+                headers, http_version, client, scheme
             )
             rel = self.route(host, path)
             if rel is None:

@@ -72,7 +72,6 @@ class WebSocketProxy:
         try:
             path = canonical_path(scope.get("raw_path") or scope["path"].encode("latin-1"))
             kept, host, unit_raw, cookie, email_raw, _, _ = pipeline.request_filter(
-                "GET",
                 scope["headers"],
                 scope.get("http_version", "1.1"),
                 scope.get("client"),

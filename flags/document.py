@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
@@ -260,10 +260,9 @@ def _check_release(doc: Document, name: str, rel: Release) -> None:
 def check_document(doc: Document) -> None:
     """Cross-field validation of a parsed document."""
     _check_stages(doc)
-    for name, cohort in doc.cohorts.items():
+    for name in doc.cohorts:
         if not NAME_RE.match(name):
             raise ConfigError(f"cohorts.{name}", "invalid cohort name")
-        del cohort
     for name, rel in doc.releases.items():
         _check_release(doc, name, rel)
     seen: dict[tuple[str, str], int] = {}
@@ -282,6 +281,3 @@ def check_document(doc: Document) -> None:
                 f"duplicate route {route.host} {route.path_prefix} (also routes.{seen[key]})",
             )
         seen[key] = i
-
-
-StageName = Literal["off", "internal", "beta", "open", "ga"]

@@ -11,7 +11,7 @@ Rules of this file:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 from flags.document import STAGE_OFF, Document, Release, effective_percent
@@ -161,7 +161,6 @@ class Snapshot:
     wildcard: _RouteTable | None
     stale: bool = False
     source: str = "store"
-    extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def version(self) -> int:
