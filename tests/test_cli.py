@@ -354,3 +354,30 @@ def test_demo_backend_answers_keep_alive_and_websocket() -> None:
     assert answers[1]["path"] == "/b"
     assert connection_headers == {"keep-alive"}
     assert echoes == ["canary: hello"]
+
+
+def test_rollback_local_while_the_store_is_down_is_applied_here(
+    server: AdminServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`rollback --local` with the store unreadable: the API accepts a local override and says so; plain rollback is refused."""
+    marker = server.store_dir / "CURRENT"
+    marker.unlink()
+    marker.mkdir()  # the store can no longer be read
+    assert turnout(server, "rollback", "web", "--reason", "store down") == EXIT_REFUSED
+    assert "503" in capsys.readouterr().err
+    assert turnout(server, "rollback", "web", "--reason", "store down", "--local") == EXIT_OK
+    assert "local override on this instance" in capsys.readouterr().out
+
+
+def test_store_reseed_restores_an_emptied_store(
+    server: AdminServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`turnout store reseed` writes the served version back into an emptied store, once."""
+    (server.store_dir / "CURRENT").unlink()
+    for version_file in (server.store_dir / "versions").iterdir():
+        version_file.unlink()
+    assert turnout(server, "store", "reseed") == EXIT_OK
+    assert "re-seeded with version 1" in capsys.readouterr().out
+    assert server.version() == 1
+    assert turnout(server, "store", "reseed") == EXIT_OK
+    assert "nothing to do" in capsys.readouterr().out

@@ -105,7 +105,7 @@ class AdminClient:
         body: Any = None,
         params: dict[str, str] | None = None,
         if_match: int | None = None,
-        ok_statuses: Sequence[int] = (200,),
+        ok_statuses: Sequence[int] = (200, 202),  # 202: a local override was accepted
     ) -> tuple[int, Any]:
         """One request; the status and decoded JSON, `ApiRefused` for other statuses."""
         headers = {"If-Match": f'"{if_match}"'} if if_match is not None else {}
