@@ -721,23 +721,34 @@ def test_connect_refused() -> None:
     run(main)
 
 
+def saturated_listener() -> tuple[socket.socket, list[socket.socket]]:
+    """A loopback listener whose accept queue is full, so new connects hang (no SYN-ACK)."""
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(0)
+    fill = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect(ls.getsockname())
+        except BlockingIOError:
+            pass
+        fill.append(s)
+    return ls, fill
+
+
+def close_all(*socks: socket.socket) -> None:
+    for s in socks:
+        s.close()
+
+
 def test_connect_timeout() -> None:
     """A listener with a full accept queue drops SYNs -> UpstreamTimeout(phase='connect')."""
 
     async def main() -> None:
-        ls = socket.socket()
-        ls.bind(("127.0.0.1", 0))
-        ls.listen(0)
+        ls, fill = saturated_listener()
         port = ls.getsockname()[1]
-        fill = []
-        for _ in range(4):
-            s = socket.socket()
-            s.setblocking(False)
-            try:
-                s.connect(("127.0.0.1", port))
-            except BlockingIOError:
-                pass
-            fill.append(s)
         await asyncio.sleep(0.05)
         pool = UpstreamPool("127.0.0.1", port, timeouts=Timeouts(connect_s=0.2))
         try:
@@ -747,9 +758,7 @@ def test_connect_timeout() -> None:
             assert pool.active_count == 0
         finally:
             await pool.aclose()
-            for s in fill:
-                s.close()
-            ls.close()
+            close_all(ls, *fill)
 
     run(main)
 
@@ -1218,19 +1227,8 @@ def test_cancel_while_connecting() -> None:
     """A request cancelled while connecting (accept queue full) frees its slot."""
 
     async def main() -> None:
-        ls = socket.socket()
-        ls.bind(("127.0.0.1", 0))
-        ls.listen(0)
+        ls, fill = saturated_listener()
         port = ls.getsockname()[1]
-        fill = []
-        for _ in range(4):
-            s = socket.socket()
-            s.setblocking(False)
-            try:
-                s.connect(("127.0.0.1", port))
-            except BlockingIOError:
-                pass
-            fill.append(s)
         pool = UpstreamPool("127.0.0.1", port, max_connections=2)
         try:
             tasks = [asyncio.ensure_future(pool.request(GET)) for _ in range(5)]
@@ -1242,9 +1240,7 @@ def test_cancel_while_connecting() -> None:
             assert (pool.active_count, pool.waiting_count) == (0, 0)
         finally:
             await pool.aclose()
-            for s in fill:
-                s.close()
-            ls.close()
+            close_all(ls, *fill)
 
     run(main)
 
