@@ -369,15 +369,17 @@ def test_rollback_local_while_the_store_is_down_is_applied_here(
     assert "local override on this instance" in capsys.readouterr().out
 
 
-def test_store_reseed_restores_an_emptied_store(
+def test_store_reseed_repairs_a_pointer_that_went_backwards(
     server: AdminServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`turnout store reseed` writes the served version back into an emptied store, once."""
-    (server.store_dir / "CURRENT").unlink()
-    for version_file in (server.store_dir / "versions").iterdir():
-        version_file.unlink()
-    assert turnout(server, "store", "reseed") == EXIT_OK
-    assert "re-seeded with version 1" in capsys.readouterr().out
-    assert server.version() == 1
+    """`turnout store reseed` writes the served version back over a regressed pointer, once."""
+    assert turnout(server, "stage", "web", "open") == EXIT_OK
+    assert server.version() == 2
+    (server.store_dir / "CURRENT").write_text("1")  # restored from an old backup, say
+    capsys.readouterr()
+    assert turnout(server, "store", "reseed") == EXIT_OK  # the watcher only alarms on this
+    assert "re-seeded with version 2" in capsys.readouterr().out
+    assert server.version() == 2
+    assert server.document().releases["web"].stage == "open"
     assert turnout(server, "store", "reseed") == EXIT_OK
     assert "nothing to do" in capsys.readouterr().out
