@@ -260,12 +260,8 @@ class ConfigWatcher:
         """The store's server was replaced and its version is lower than the one served:
         what this instance applied from the old master was never replicated. Serve the new
         master's truth rather than a version that no longer exists anywhere."""
-        try:
-            revision = await self.store.latest()
-        except ConfigError as exc:
-            self._reject(REJECT_INVALID, version, f"version {version}: {exc}")
-            return
-        if revision is None:
+        readable, revision = await self._read_latest(version)
+        if not readable or revision is None:
             return
         lost = self.version
         self.failover_reloads += 1
@@ -301,14 +297,19 @@ class ConfigWatcher:
             return
         if version == 0 or (self._last_reject is not None and self._last_reject[1] == version):
             return  # nothing stored yet, or this version was already rejected
+        readable, revision = await self._read_latest(version)
+        if readable and revision is not None:
+            self.offer(revision)
+
+    async def _read_latest(self, version: int) -> tuple[bool, Revision | None]:
+        """The store's latest revision (None: the store is empty). (False, None) when it fails
+        validation or its checksum: rejected whole and counted, the LKG keeps serving."""
         try:
-            revision = await self.store.latest()
+            return True, await self.store.latest()
         except ConfigError as exc:
             reason = REJECT_CHECKSUM if exc.field == "checksum" else REJECT_INVALID
             self._reject(reason, version, f"version {version}: {exc}")
-            return
-        if revision is not None:
-            self.offer(revision)
+            return False, None
 
     # -- store repair and local overrides ----------------------------------------------------
 
@@ -366,11 +367,8 @@ class ConfigWatcher:
         if current == override.base_version:
             document = override.revision.document
         else:
-            try:
-                latest = await self.store.latest()
-            except ConfigError as exc:
-                reason = REJECT_CHECKSUM if exc.field == "checksum" else REJECT_INVALID
-                self._reject(reason, current, f"version {current}: {exc}")
+            readable, latest = await self._read_latest(current)
+            if not readable:
                 return
             base_doc = latest.document if latest is not None else Document()
             try:
