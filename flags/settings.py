@@ -8,7 +8,7 @@ environment.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -30,6 +30,15 @@ class Settings(BaseSettings):
     admin_host: str = "127.0.0.1"
     admin_port: int = Field(default=8081, ge=0, le=65535)
     admin_token: SecretStr | None = None
+    # The edge's HTTP/1.1 server: "turnout" (edge/frontend.py, no ASGI) or "uvicorn" (the
+    # same pipeline behind the ASGI adapter, uvicorn's httptools protocol).
+    edge_server: Literal["turnout", "uvicorn"] = "turnout"
+    # Client-side deadlines of the edge (HARDENING §2.7): an idle keep-alive connection is
+    # closed; a request head must be complete this long after its first byte (else 408); a
+    # request body or a full send buffer may stall this long (else 408 / abort).
+    client_keepalive_timeout_s: float = Field(default=5.0, gt=0, le=3600)
+    client_header_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    client_idle_timeout_s: float = Field(default=60.0, gt=0, le=3600)
 
     # Where this instance keeps its own files: the embedded store (unless `store` says
     # otherwise), the bootstrap copy, and generated secrets (admin token, cookie secret).

@@ -19,6 +19,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from edge.app import Edge
+from edge.frontend import EdgeServer
 from edge.httpserver import TurnoutHttpProtocol
 from flags.document import load_document
 from flags.errors import ConfigError
@@ -91,9 +92,25 @@ def edge_config(app: Any, settings: Settings) -> uvicorn.Config:
         date_header=False,
         access_log=False,
         log_level=settings.log_level,
-        timeout_keep_alive=5,
+        timeout_keep_alive=max(1, round(settings.client_keepalive_timeout_s)),
         timeout_graceful_shutdown=10,
         backlog=4096,
+    )
+
+
+def edge_server(edge: Edge, settings: Settings) -> EdgeServer | uvicorn.Server:
+    """The edge listener: Turnout's own HTTP/1.1 server, or uvicorn over the ASGI adapter."""
+    if settings.edge_server == "uvicorn":
+        return _Server(edge_config(edge.app, settings))
+    return EdgeServer(
+        edge.pipeline,
+        host=settings.edge_host,
+        port=settings.edge_port,
+        keepalive_timeout_s=settings.client_keepalive_timeout_s,
+        header_timeout_s=settings.client_header_timeout_s,
+        idle_timeout_s=settings.client_idle_timeout_s,
+        graceful_timeout_s=10.0,
+        ws_config=edge_config(edge.app, settings),  # WebSocket upgrades go to uvicorn's protocol
     )
 
 
@@ -138,7 +155,7 @@ async def serve(
     registry = CollectorRegistry()
     edge = Edge(settings, watcher, registry)
     admin_app = create_admin_app(settings, store, watcher, registry)
-    servers = [_Server(edge_config(edge.app, settings)), _Server(admin_config(admin_app, settings))]
+    servers: list[Any] = [edge_server(edge, settings), _Server(admin_config(admin_app, settings))]
     if context is not None:  # for tests and embedding: the live objects of this instance
         context.update(store=store, watcher=watcher, edge=edge, servers=servers)
 

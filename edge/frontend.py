@@ -1,0 +1,716 @@
+"""The edge's own HTTP/1.1 front-end: `asyncio.Protocol` + httptools, driving the pipeline
+without ASGI (PERF.md: a plain protocol server ran a lean proxy at 0.69 of nginx, uvicorn
+0.29).
+
+Rules of this file:
+* It only frames bytes. Routing, header hygiene, identity and forwarding are the pipeline's
+  (edge/pipeline.py), which this module drives through the same `Downstream` seam as the ASGI
+  adapter (edge/asgi.py), so both front-ends behave alike and share every pipeline test.
+* Measured, not assumed (benchmarks/proxy.py): under uvicorn each request paid for a scope
+  dict, a cycle object, ASGI message dicts and a `receive` round trip; here a request is one
+  object, one task, one `transport.write` for a small response (head and body together).
+* Requests are parsed by llhttp in strict mode; a parse error, an unknown method or an
+  HTTP version other than 1.0/1.1 ends the connection after a 400/505 (HARDENING §2.1, row 37).
+  The request line and head are capped (414/431) while they arrive, never buffered unbounded
+  (row 29-30), and every wait on the client has a deadline (§2.7, rows 33-34): the head must
+  be complete within `header_timeout_s` of its first byte (else 408), a started body and a
+  full send buffer may stall for at most `idle_timeout_s`, and an idle keep-alive connection is
+  closed after `keepalive_timeout_s`. The deadlines share one lazily re-armed timer per
+  connection: moving a deadline is one float assignment.
+* Response framing is re-derived here: `Content-Length` when the pipeline gives one, else
+  chunked for HTTP/1.1 and close-delimited for HTTP/1.0 (RFC 9112 §6.1, HARDENING §2.10); no
+  body for HEAD, 1xx, 204 and 304. A connection whose request body was not read to its end is
+  closed after the response, never reused.
+* Pipelined requests are answered in order, one at a time; reading pauses while one waits.
+* A WebSocket upgrade is handed, with the bytes already read, to uvicorn's WebSocket protocol,
+  which runs `EdgeApp`'s `websocket` scope (edge/websocket.py) on the same decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import logging
+from collections import deque
+from typing import Any
+
+import httptools
+
+from edge.pipeline import MAX_HEADER_BYTES, MAX_HEADERS, ClientGone, Pipeline
+from edge.upstream import UpstreamResponse
+
+log = logging.getLogger("turnout.edge")
+
+MAX_URL_BYTES = 16 * 1024  # request target (nginx: large_client_header_buffers 8k per line)
+MAX_RAW_HEAD_BYTES = 1024 * 1024  # bytes fed to the parser without a complete head: a hard net
+BODY_HIGH_WATER = 256 * 1024  # pause reading while this much request body waits for upstream
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+# Deadline kinds of a connection.
+_NONE, _IDLE, _HEAD, _BODY, _SEND = range(5)
+
+
+def _status_lines() -> dict[int, bytes]:
+    lines = {}
+    for status in range(100, 600):
+        try:
+            phrase = http.HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
+        lines[status] = b"HTTP/1.1 %d %s\r\n" % (status, phrase.encode("ascii"))
+    return lines
+
+
+STATUS_LINES = _status_lines()
+
+
+def _simple_response(status: int, message: str) -> bytes:
+    body = f"turnout: {message}\n".encode()
+    return b"".join(
+        (
+            STATUS_LINES[status],
+            b"content-type: text/plain; charset=utf-8\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n\r\n",
+            body,
+        )
+    )
+
+
+class _Request:
+    """One request on a connection, and the `Downstream` the pipeline answers it through."""
+
+    __slots__ = (
+        "conn",
+        "method",
+        "url",
+        "headers",
+        "head_bytes",
+        "version",
+        "keep_alive",
+        "expect_continue",
+        "body",
+        "body_bytes",
+        "complete",
+        "waiter",
+        "head",
+        "started",
+        "chunked",
+        "close_delimited",
+        "no_body",
+        "finished",
+        "timed_out",
+    )
+
+    def __init__(self, conn: EdgeConnection) -> None:
+        self.conn = conn
+        self.method = ""
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_bytes = 0
+        self.version = "1.1"
+        self.keep_alive = True
+        self.expect_continue = False
+        self.body: deque[bytes] = deque()
+        self.body_bytes = 0
+        self.complete = False  # the whole request body has been parsed
+        self.waiter: asyncio.Future[None] | None = None
+        self.head: bytes | None = None  # a response head held back for the first body write
+        self.started = False  # response head given by the pipeline
+        self.chunked = False
+        self.close_delimited = False
+        self.no_body = False
+        self.finished = False  # response complete
+        self.timed_out = False
+
+    # -- Downstream: the request body ------------------------------------------------------------
+
+    async def read_body(self) -> tuple[bytes, bool]:
+        conn = self.conn
+        while True:
+            if conn.gone or self.timed_out:
+                raise ClientGone
+            body = self.body
+            if body:
+                data = body.popleft() if len(body) == 1 else b"".join(body)
+                body.clear()
+                self.body_bytes = 0
+                if conn.reading_paused:
+                    conn.flow()
+                return data, not self.complete
+            if self.complete:
+                return b"", False
+            if conn.input_closed:
+                raise ClientGone  # half-closed, refused or upgraded away: no more body comes
+            if self.expect_continue and not self.started:
+                self.expect_continue = False
+                conn.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # HARDENING §2.9
+            waiter = self.waiter = conn.loop.create_future()
+            conn.arm(_BODY)
+            try:
+                await waiter
+            finally:
+                self.waiter = None
+                if conn.deadline_kind == _BODY:
+                    conn.deadline_kind = _NONE
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- Downstream: the response ----------------------------------------------------------------
+
+    def _head(self, status: int, headers: list[tuple[bytes, bytes]], length: int) -> bytes:
+        """The response head; decides framing and keep-alive. `length` is the body's size when
+        the whole body is known, else -1."""
+        parts = [STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
+        has_length = False
+        for name, value in headers:
+            if name == b"content-length":
+                has_length = True
+            elif name == b"connection":
+                if value.lower() == b"close":
+                    self.keep_alive = False
+                continue  # written once below
+            parts += (name, b": ", value, b"\r\n")
+        self.no_body = self.method == "HEAD" or status in _NO_BODY_STATUSES or status < 200
+        if not has_length and not self.no_body:
+            if length >= 0:
+                parts.append(b"content-length: %d\r\n" % length)
+            elif self.version == "1.0":
+                self.close_delimited = True
+                self.keep_alive = False
+            else:
+                self.chunked = True
+                parts.append(b"transfer-encoding: chunked\r\n")
+        if not self.complete:
+            self.keep_alive = False  # unread request bytes: the connection cannot be reused
+        if not self.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    async def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        if self.started:
+            raise RuntimeError("response already started")
+        self.started = True
+        conn = self.conn
+        if conn.gone:
+            return
+        head = self._head(status, headers, len(body))
+        if body and not self.no_body:
+            conn.transport.write(head + body)
+        else:
+            conn.transport.write(head)
+        self._finish()
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        if self.started:
+            raise RuntimeError("response already started")
+        self.started = True
+        self.head = self._head(status, headers, -1)
+
+    async def write(self, data: bytes, more: bool) -> bool:
+        conn = self.conn
+        if conn.gone or self.finished:
+            return False
+        if self.no_body:
+            data = b""
+        elif self.chunked:
+            if data:
+                data = b"%x\r\n%b\r\n" % (len(data), data)
+            if not more:
+                data += b"0\r\n\r\n"
+        head = self.head
+        if head is not None:
+            self.head = None
+            data = head + data
+        if data:
+            conn.transport.write(data)
+        if not more:
+            self._finish()
+            return True
+        if conn.write_paused:
+            await conn.drain()
+        return not conn.gone
+
+    def watch_disconnect(self, on_gone: UpstreamResponse) -> None:
+        self.conn.on_gone = on_gone  # aborted by connection_lost: no task needed
+        return None
+
+    def _finish(self) -> None:
+        self.finished = True
+        self.conn.response_done(self)
+
+
+class EdgeConnection(asyncio.Protocol):
+    """One client connection: parses requests, runs the pipeline for each in turn."""
+
+    def __init__(self, server: EdgeServer) -> None:
+        self.server = server
+        self.pipeline = server.pipeline
+        self.loop = server.loop
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser = httptools.HttpRequestParser(self)
+        self.client: tuple[str, int] | None = None
+        self.gone = False  # connection_lost was called
+        self.closed = False  # close() was called
+        self.input_closed = False  # no more requests are read (EOF, refusal, non-WS upgrade)
+        self.refusal: bytes | None = None  # the error answer owed once the requests before it end
+        self.ws_request: _Request | None = None
+        self.parsing: _Request | None = None  # the request whose head or body is arriving
+        self.active: _Request | None = None  # the request being answered
+        self.queue: deque[_Request] = deque()  # pipelined requests waiting their turn
+        self.task: asyncio.Task[None] | None = None
+        self.on_gone: UpstreamResponse | None = None
+        self.raw_head = 0  # bytes fed while a head is incomplete
+        self.in_head = False
+        self.reading_paused = False
+        self.write_paused = False
+        self.drain_waiter: asyncio.Future[None] | None = None
+        self.deadline = 0.0
+        self.deadline_kind = _NONE
+        self.timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.client = (str(peer[0]), int(peer[1]))
+        self.server.connections.add(self)
+        self.arm(_IDLE)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gone = True
+        self.server.connections.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        on_gone = self.on_gone
+        if on_gone is not None:
+            self.on_gone = None
+            on_gone.abort()  # the upstream connection is dropped, never pooled
+        for request in (self.parsing, self.active, *self.queue):
+            if request is not None:
+                request.wake()
+        self._wake_drain()
+
+    def data_received(self, data: bytes) -> None:
+        if self.input_closed:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._upgrade(data[int(exc.args[0]) :] if exc.args else b"")
+            return
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Refused):  # raised by one of our callbacks below
+                self._refuse(cause.status, cause.message)
+            else:
+                self._refuse(400, "invalid HTTP request")
+            return
+        if self.in_head:
+            self.raw_head += len(data)
+            if self.raw_head > MAX_RAW_HEAD_BYTES:
+                self._refuse(431, "request header block too large")
+            elif self.deadline_kind != _HEAD and self.active is None:
+                self.arm(_HEAD)
+
+    def eof_received(self) -> bool | None:
+        # A half-close: answer the requests already read, then close (like nginx).
+        self._stop_input()
+        if self.active is None and not self.queue:
+            return None  # the transport closes itself
+        return True
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._wake_drain()
+
+    # -- httptools callbacks ---------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.parsing = _Request(self)
+        self.in_head = True
+        self.raw_head = 0
+
+    def on_url(self, url: bytes) -> None:
+        request = self.parsing
+        assert request is not None
+        request.url += url
+        if len(request.url) > MAX_URL_BYTES:
+            raise _Refused(414, "request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        request = self.parsing
+        assert request is not None
+        request.head_bytes += len(name) + len(value)
+        if request.head_bytes > MAX_HEADER_BYTES:
+            raise _Refused(431, "request header block too large")
+        if len(request.headers) >= MAX_HEADERS:
+            raise _Refused(431, "too many request headers")
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            request.expect_continue = True
+        request.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        request = self.parsing
+        assert request is not None
+        self.in_head = False
+        parser = self.parser
+        request.version = parser.get_http_version()
+        if request.version not in ("1.1", "1.0"):
+            raise _Refused(505, "HTTP version not supported")
+        request.method = parser.get_method().decode("ascii")
+        request.keep_alive = parser.should_keep_alive()
+        if parser.should_upgrade() and self._is_websocket(request):
+            self.ws_request = request  # feed_data raises HttpParserUpgrade next
+            return
+        if self.active is None:
+            self._start(request)
+        else:
+            self.queue.append(request)
+            self.flow()
+
+    def on_body(self, body: bytes) -> None:
+        request = self.parsing
+        assert request is not None
+        request.body.append(body)
+        request.body_bytes += len(body)
+        if request.waiter is not None:
+            request.wake()
+        elif request.body_bytes > BODY_HIGH_WATER and not self.reading_paused:
+            self.flow()
+
+    def on_message_complete(self) -> None:
+        request = self.parsing
+        assert request is not None
+        request.complete = True
+        self.parsing = None
+        request.wake()
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def _start(self, request: _Request) -> None:
+        self.active = request
+        self.deadline_kind = _NONE  # the upstream's timeouts apply while it is answered
+        self.task = self.loop.create_task(self._run(request))
+
+    async def _run(self, request: _Request) -> None:
+        url = request.url
+        path, _, query = url.partition(b"?")
+        try:
+            if b"#" in url:
+                request.keep_alive = False
+                await request.respond(*_plain(400, "fragment in request target"))
+            else:
+                await self.pipeline.handle(
+                    request.method,
+                    path,
+                    query,
+                    request.headers,
+                    request.version,
+                    self.client,
+                    "http",
+                    request,
+                )
+        except Exception:
+            log.exception("edge: unhandled error in the request pipeline")
+            if not request.started and not self.gone:
+                request.keep_alive = False
+                await request.respond(*_plain(500, "internal error"))
+        if request.finished:
+            return
+        # The pipeline let go without an answer (client gone, body timed out or refused) or
+        # mid-stream (upstream broke after the head): this connection cannot go on.
+        self.active = None
+        if self.gone:
+            return
+        if request.started:
+            self.transport.abort()  # never end a broken body "cleanly" (HARDENING §2.12)
+            return
+        if request.timed_out:
+            self.transport.write(_simple_response(408, "request body timed out"))
+        elif self.refusal is not None:
+            self.transport.write(self.refusal)
+            self.refusal = None
+        self.close()
+
+    def response_done(self, request: _Request) -> None:
+        self.active = None
+        self.on_gone = None
+        if self.gone:
+            return
+        if not request.keep_alive:
+            self.close()
+        elif self.queue:
+            self._start(self.queue.popleft())
+            if self.reading_paused:
+                self.flow()
+        elif self.refusal is not None:
+            self.transport.write(self.refusal)
+            self.refusal = None
+            self.close()
+        elif self.input_closed:
+            self.close()
+        else:
+            if self.reading_paused:
+                self.flow()
+            self.arm(_HEAD if self.in_head else _IDLE)
+
+    def flow(self) -> None:
+        """Pause reading while a pipelined request waits or a request body piles up."""
+        parsing = self.parsing
+        pause = bool(self.queue) or (parsing is not None and parsing.body_bytes > BODY_HIGH_WATER)
+        if pause != self.reading_paused and not self.gone and not self.closed:
+            self.reading_paused = pause
+            if pause:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    async def drain(self) -> None:
+        if self.gone or not self.write_paused:
+            return
+        waiter = self.drain_waiter
+        if waiter is None:
+            waiter = self.drain_waiter = self.loop.create_future()
+        self.arm(_SEND)
+        try:
+            await waiter
+        finally:
+            if self.deadline_kind == _SEND:
+                self.deadline_kind = _NONE
+
+    def _wake_drain(self) -> None:
+        waiter = self.drain_waiter
+        if waiter is not None:
+            self.drain_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.input_closed = True
+            self.transport.close()
+
+    def _stop_input(self) -> None:
+        """No more requests are read; a request whose body was still arriving gets no more."""
+        self.input_closed = True
+        self.in_head = False
+        parsing = self.parsing
+        if parsing is not None:
+            self.parsing = None
+            parsing.wake()
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Input that cannot be a request (unparseable, too large, too slow): the requests
+        read before it are answered, then this error, then the connection closes. Nothing
+        of it reaches the pipeline."""
+        self._stop_input()
+        self.refusal = _simple_response(status, message)
+        if self.active is None and not self.queue and not self.gone:
+            self.transport.write(self.refusal)
+            self.refusal = None
+            self.close()
+
+    # -- deadlines -------------------------------------------------------------------------------
+
+    def arm(self, kind: int) -> None:
+        server = self.server
+        if kind == _IDLE:
+            seconds = server.keepalive_timeout_s
+        elif kind == _HEAD:
+            seconds = server.header_timeout_s
+        else:
+            seconds = server.idle_timeout_s
+        self.deadline = self.loop.time() + seconds
+        self.deadline_kind = kind
+        if self.timer is None:
+            self.timer = self.loop.call_at(self.deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        kind = self.deadline_kind
+        if kind == _NONE or self.gone:
+            return
+        if self.loop.time() < self.deadline:
+            self.timer = self.loop.call_at(self.deadline, self._on_timer)
+            return
+        self.deadline_kind = _NONE
+        if kind == _IDLE:
+            self.close()
+        elif kind == _HEAD:
+            self._refuse(408, "request header timed out")  # HARDENING §2.7 (slowloris)
+        elif kind == _BODY:
+            request = self.active
+            if request is not None:
+                request.timed_out = True  # _run answers 408 once the pipeline lets go
+                request.wake()
+        else:  # _SEND: the client stopped reading
+            self.transport.abort()
+
+    # -- WebSocket -------------------------------------------------------------------------------
+
+    def _is_websocket(self, request: _Request) -> bool:
+        return any(
+            name == b"upgrade" and value.lower() == b"websocket" for name, value in request.headers
+        )
+
+    def _upgrade(self, rest: bytes) -> None:
+        request = self.ws_request
+        self.ws_request = None
+        if request is None:
+            # Another protocol (h2c, ...): its request is answered as plain HTTP; the bytes
+            # after it are not HTTP/1.1 and are never parsed (HARDENING row 36).
+            self._stop_input()
+            for pending in (self.active, *self.queue):
+                if pending is not None:
+                    pending.keep_alive = False
+            return
+        if self.active is not None or self.server.ws_config is None:
+            self._refuse(400, "unexpected upgrade")
+            return
+        self.parsing = None
+        self.closed = self.input_closed = True  # the WebSocket protocol owns the transport now
+        self.server.connections.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        output = [request.method.encode("ascii"), b" ", request.url, b" HTTP/1.1\r\n"]
+        for name, value in request.headers:
+            output += (name, b": ", value, b"\r\n")
+        output.append(b"\r\n")
+        config = self.server.ws_config
+        protocol = config.ws_protocol_class(
+            config=config, server_state=self.server.ws_state, app_state={}
+        )
+        protocol.connection_made(self.transport)
+        protocol.data_received(b"".join(output))
+        if rest:
+            protocol.data_received(rest)
+        self.transport.set_protocol(protocol)
+
+
+class _Refused(Exception):
+    """Raised in a parser callback: the parser stops, `data_received` answers `status`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _plain(status: int, message: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    body = f"turnout: {message}\n".encode()
+    return (
+        status,
+        [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", b"%d" % len(body)),
+        ],
+        body,
+    )
+
+
+class EdgeServer:
+    """The edge listener: accepts connections, shuts down gracefully.
+
+    `serve()` runs until `should_exit` is set; it then stops accepting, closes idle
+    connections, lets requests in flight finish for up to `graceful_timeout_s` and aborts the
+    rest. `started` turns true once the socket listens."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        *,
+        host: str,
+        port: int,
+        keepalive_timeout_s: float = 5.0,
+        header_timeout_s: float = 10.0,
+        idle_timeout_s: float = 60.0,
+        graceful_timeout_s: float = 10.0,
+        backlog: int = 4096,
+        ws_config: Any = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.host = host
+        self.port = port
+        self.keepalive_timeout_s = keepalive_timeout_s
+        self.header_timeout_s = header_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.graceful_timeout_s = graceful_timeout_s
+        self.backlog = backlog
+        self.ws_config = ws_config
+        self.ws_state: Any = None
+        if ws_config is not None:
+            from uvicorn.server import ServerState
+
+            if not ws_config.loaded:
+                ws_config.load()
+            self.ws_state = ServerState()
+        self.connections: set[EdgeConnection] = set()
+        self.started = False
+        self._exit = asyncio.Event()
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.sockets: list[Any] = []
+
+    @property
+    def should_exit(self) -> bool:
+        return self._exit.is_set()
+
+    @should_exit.setter
+    def should_exit(self, value: bool) -> None:
+        if value:
+            self._exit.set()
+
+    async def serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        server = await self.loop.create_server(
+            lambda: EdgeConnection(self),
+            self.host,
+            self.port,
+            backlog=self.backlog,
+            reuse_address=True,
+        )
+        self.sockets = list(server.sockets)
+        self.started = True
+        try:
+            await self._exit.wait()
+        finally:
+            server.close()
+            await self._shutdown()
+            await server.wait_closed()
+
+    async def _shutdown(self) -> None:
+        for conn in list(self.connections):
+            if conn.active is None:
+                conn.close()
+            else:
+                for request in (conn.active, *conn.queue):
+                    request.keep_alive = False  # close after the answer in flight
+        ws_connections = list(self.ws_state.connections) if self.ws_state is not None else []
+        for ws in ws_connections:
+            with contextlib.suppress(Exception):
+                ws.shutdown()
+        deadline = self.loop.time() + self.graceful_timeout_s
+        while self.loop.time() < deadline:
+            busy = [c for c in self.connections if c.active is not None]
+            if not busy and not (self.ws_state is not None and self.ws_state.tasks):
+                break
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.transport.abort()
+        if self.ws_state is not None:
+            for task in list(self.ws_state.tasks):
+                task.cancel()
