@@ -1,4 +1,5 @@
-"""End-to-end behaviour of the edge through real uvicorn servers on loopback."""
+"""End-to-end behaviour of the edge on loopback: real upstream servers, a real Turnout on each
+edge server (its own HTTP/1.1 server and uvicorn over the ASGI adapter)."""
 
 from __future__ import annotations
 
@@ -69,14 +70,17 @@ def up() -> Any:
         yield servers
 
 
-@pytest.fixture
-def inst(up: Any, tmp_path: Path) -> Any:
+@pytest.fixture(params=["turnout", "uvicorn"])
+def inst(up: Any, tmp_path: Path, request: Any) -> Any:
+    """A Turnout instance on each edge server: its own (the default) and uvicorn over ASGI."""
     seed = release_doc(
         up["stable"].url,
         up["canary"].url,
         internal={"unit_ids": ["alice"], "email_domains": ["corp.example"]},
     )
-    instance = TurnoutInstance(tmp_path / "state", seed=seed, expose_decision_headers=True).start()
+    instance = TurnoutInstance(
+        tmp_path / "state", seed=seed, expose_decision_headers=True, edge_server=request.param
+    ).start()
     yield instance
     instance.stop()
 
