@@ -391,10 +391,13 @@ class Pipeline:
     ) -> list[tuple[bytes, bytes]]:
         out: list[tuple[bytes, bytes]] = []
         nominated: bytes | None = None
+        declared: bytes | None = None
         for name, value in resp.headers:
             if name in _RESPONSE_DROP:
                 if name == b"connection":
                     nominated = value if nominated is None else nominated + b"," + value
+                elif name == b"content-length":
+                    declared = value
                 continue
             out.append((name, value))
         if nominated is not None:
@@ -402,8 +405,16 @@ class Pipeline:
             out = [(n, v) for n, v in out if n not in names]
         if resp.body_length is not None:
             out.append((b"content-length", b"%d" % resp.body_length))
-        elif not resp.has_body:
-            out.append((b"content-length", b"0"))
+        elif (
+            not resp.has_body
+            and resp.status not in (204, 304)  # so: a response to HEAD
+            and declared is not None
+            and declared.isdigit()
+            and len(declared) <= MAX_CONTENT_LENGTH_DIGITS
+        ):
+            # A response to HEAD may state the length a GET would get, and no other value;
+            # 204 never has one (RFC 9110 §8.6). A 304's is dropped: it is optional there.
+            out.append((b"content-length", declared))
         out.append((b"via", self.via))
         if self.expose:
             out.append((b"x-turnout-arm", target.arm.encode()))

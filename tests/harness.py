@@ -46,6 +46,7 @@ class EchoApp:
     GET /stream?bytes=N&chunk=M   N bytes in chunks of M (chunked transfer encoding)
     GET /gate?bytes=N             one chunk, then waits for `release_gate` before the rest
     GET /status/NNN               that status
+    GET /fixed?bytes=N            N bytes with a Content-Length (also on HEAD)
     GET /slow?s=S                 answers after S seconds
     WS  /ws                       echoes each message prefixed with the backend's name
     anything else                 JSON: backend, method, path, query, headers, body length
@@ -79,6 +80,17 @@ class EchoApp:
         if path == "/gate":
             await self._gated(send, receive, int(query["bytes"][0]))
             return
+        if path == "/fixed":
+            size = int(query["bytes"][0])
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-length", b"%d" % size)],
+                }
+            )
+            await send({"type": "http.response.body", "body": b"f" * size})
+            return
         if path.startswith("/status/"):
             status = int(path.rsplit("/", 1)[1])
             await send({"type": "http.response.start", "status": status, "headers": []})
@@ -111,6 +123,7 @@ class EchoApp:
                     (b"connection", b"x-secret-hop"),
                     (b"x-secret-hop", b"must-not-reach-client"),
                     (b"keep-alive", b"timeout=5"),
+                    (b"content-length", b"%d" % len(payload)),
                 ],
             }
         )

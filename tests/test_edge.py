@@ -439,11 +439,14 @@ def test_http10_head_and_204_responses_are_framed_correctly(inst: TurnoutInstanc
     assert orjson.loads(body)["path"] == "/old"  # the whole body; the close ended it
     raw = raw_request(
         inst.edge_port,
-        b"HEAD /h HTTP/1.1\r\nHost: a\r\nX-User-Id: bob\r\nConnection: close\r\n\r\n",
+        b"HEAD /fixed?bytes=1234 HTTP/1.1\r\nHost: a\r\nX-User-Id: bob\r\nConnection: close\r\n\r\n",
     )
     assert raw.startswith(b"HTTP/1.1 200") and raw.endswith(b"\r\n\r\n")
+    # HEAD states the length a GET gets (RFC 9110 §8.6), never a made-up 0.
+    assert b"content-length: 1234\r\n" in raw.lower(), raw
     raw = raw_request(
         inst.edge_port,
         b"GET /status/204 HTTP/1.1\r\nHost: a\r\nX-User-Id: bob\r\nConnection: close\r\n\r\n",
     )
     assert raw.startswith(b"HTTP/1.1 204") and raw.endswith(b"\r\n\r\n")
+    assert b"content-length" not in raw.lower()  # never on a 204 (RFC 9110 §8.6)
