@@ -189,6 +189,8 @@ class _Request:
             self.keep_alive = False  # unread request bytes: the connection cannot be reused
         if not self.keep_alive:
             parts.append(b"connection: close\r\n")
+        elif self.version == "1.0":
+            parts.append(b"connection: keep-alive\r\n")  # 1.0 clients assume close otherwise
         parts.append(b"\r\n")
         return b"".join(parts)
 
@@ -369,6 +371,8 @@ class EdgeConnection(asyncio.Protocol):
         parser = self.parser
         request.version = parser.get_http_version()
         if request.version not in ("1.1", "1.0"):
+            if request.version.startswith("0."):
+                raise _Refused(400, "HTTP/0.9 requests are not served")
             raise _Refused(505, "HTTP version not supported")
         request.method = parser.get_method().decode("ascii")
         request.keep_alive = parser.should_keep_alive()
@@ -534,10 +538,14 @@ class EdgeConnection(asyncio.Protocol):
             seconds = server.header_timeout_s
         else:
             seconds = server.idle_timeout_s
-        self.deadline = self.loop.time() + seconds
+        deadline = self.deadline = self.loop.time() + seconds
         self.deadline_kind = kind
-        if self.timer is None:
-            self.timer = self.loop.call_at(self.deadline, self._on_timer)
+        timer = self.timer
+        if timer is None:
+            self.timer = self.loop.call_at(deadline, self._on_timer)
+        elif deadline < timer.when():  # a shorter deadline than the pending one: move it
+            timer.cancel()
+            self.timer = self.loop.call_at(deadline, self._on_timer)
 
     def _on_timer(self) -> None:
         self.timer = None
