@@ -697,9 +697,10 @@ class Bench:
         edge_port, _admin = self.start_turnout("uvicorn" if a.uvicorn else "turnout")
         tp = self.turnout_proc
         assert tp is not None
+        conns = a.profile_connections
         self.wrk(edge_port, 64, a.warmup)  # warm the pools
         # 1) the same load without the profiler: the reference RPS
-        base = self.wrk(edge_port, 64, a.profile_duration)
+        base = self.wrk(edge_port, conns, a.profile_duration)
         self.check_alive()
         # 2) the same load with py-spy attached; wrk runs 2 s longer on each side
         raw = self.tmp / "profile.txt"
@@ -712,7 +713,7 @@ class Bench:
             "0",
             "wrk",
             "-t1",
-            "-c64",
+            f"-c{conns}",
             f"-d{a.profile_duration + 2 * lead:g}s",
             "--latency",
             "--timeout",
@@ -815,7 +816,7 @@ class Bench:
         loop_leaf = sum(c for f, c in main if f[-1].startswith("Runner.run ("))
         print()
         print(
-            f"Turnout under wrk -t1 -c64, py-spy record -r {a.rate} -f raw for {a.profile_duration:g} s "
+            f"Turnout under wrk -t1 -c{a.profile_connections}, py-spy record -r {a.rate} -f raw for {a.profile_duration:g} s "
             f"({'--nonblocking' if a.nonblocking else 'blocking: the process is paused for every sample'}"
             f"{', --gil' if a.gil else ''})"
         )
@@ -977,6 +978,13 @@ def main() -> int:
         help="sample the loop thread also when it does not hold the GIL (includes epoll waits)",
     )
     ap.add_argument("--top", type=int, default=15, help="frames to list (default 15)")
+    ap.add_argument(
+        "--profile-connections",
+        type=int,
+        default=64,
+        metavar="N",
+        help="wrk connections while profiling (default 64; 1 shows the latency path)",
+    )
     ap.add_argument("--keep-profile", metavar="FILE", help="copy the raw py-spy output to FILE")
     ap.add_argument(
         "--nice",

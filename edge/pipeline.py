@@ -400,7 +400,7 @@ class Pipeline:
                     declared = value
                 continue
             out.append((name, value))
-        if nominated is not None:
+        if nominated is not None and nominated.lower() not in (b"keep-alive", b"close"):
             names = {t.strip() for t in nominated.lower().split(b",")}
             out = [(n, v) for n, v in out if n not in names]
         if resp.body_length is not None:
@@ -528,9 +528,7 @@ class Pipeline:
 
     async def _request_body(
         self, downstream: Downstream, length: int, chunked: bool
-    ) -> bytes | AsyncIterator[bytes] | None:
-        if length < 0 and not chunked:
-            return None
+    ) -> bytes | AsyncIterator[bytes]:
         if length == 0:
             return b""
         data, more = await downstream.read_body()
@@ -564,16 +562,18 @@ class Pipeline:
     ) -> None:
         metrics = self.metrics
         release, arm = target.release, target.arm
-        try:
-            body = await self._request_body(downstream, length, chunked)
-        except ClientGone:
-            return
-        except Reject as exc:
-            await downstream.respond(
-                *self.error_response(exc.status, exc.message, target, set_cookie, close=True)
-            )
-            metrics.count(release, arm, exc.status)
-            return
+        body: bytes | AsyncIterator[bytes] | None = None
+        if length >= 0 or chunked:
+            try:
+                body = await self._request_body(downstream, length, chunked)
+            except ClientGone:
+                return
+            except Reject as exc:
+                await downstream.respond(
+                    *self.error_response(exc.status, exc.message, target, set_cookie, close=True)
+                )
+                metrics.count(release, arm, exc.status)
+                return
         replayable = body is None or type(body) is bytes  # not an ABC check: hot path
         attempts = len(target.pools) if replayable else 1
         started = time.perf_counter()
@@ -618,15 +618,18 @@ class Pipeline:
             metrics.count(release, arm, status)
             await downstream.respond(*self.error_response(status, message, target, set_cookie))
             return
-        metrics.upstream_latency[arm].observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
         status = resp.status
         headers = self.response_filter(resp, target, set_cookie)
-        metrics.count(release, arm, status)
-        if resp.complete:
-            data = await resp.read() if resp.has_body else b""
+        if resp.complete:  # the common case: answer first, count after (off the latency path)
+            data = resp.take()
             resp.release()
             await downstream.respond(status, headers, data)
+            metrics.upstream_latency[arm].observe(elapsed)
+            metrics.count(release, arm, status)
             return
+        metrics.upstream_latency[arm].observe(elapsed)
+        metrics.count(release, arm, status)
         await self._stream_response(resp, status, headers, downstream, release, arm)
 
     async def _stream_response(

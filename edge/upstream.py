@@ -157,6 +157,16 @@ class UpstreamResponse:
             finally:
                 c._body_waiter = None
                 c._deadline = 0.0
+        return self.take()
+
+    def take(self) -> bytes:
+        """The body bytes buffered so far, without waiting (all of it once ``complete``)."""
+        c = self._conn
+        if c is None:
+            return b""
+        chunks = c._chunks
+        if not chunks:
+            return b""
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         c._buffered = 0
