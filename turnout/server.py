@@ -1,6 +1,6 @@
 """The composition root: settings -> store -> watcher -> edge + admin, on one event loop.
 
-`serve()` runs the edge listener (plain ASGI, uvicorn httptools) and the admin listener
+`serve()` runs the edge listener (edge/frontend.py, or uvicorn over ASGI) and the admin listener
 (Starlette) side by side; `run()` is the blocking entry point for `turnout serve`.
 """
 
