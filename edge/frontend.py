@@ -32,6 +32,8 @@ import asyncio
 import contextlib
 import http
 import logging
+import socket
+import struct
 from collections import deque
 from typing import Any
 
@@ -566,7 +568,17 @@ class EdgeConnection(asyncio.Protocol):
                 request.timed_out = True  # _run answers 408 once the pipeline lets go
                 request.wake()
         else:  # _SEND: the client stopped reading
-            self.transport.abort()
+            self.reset()
+
+    def reset(self) -> None:
+        """Abort with a RST, dropping what the kernel still holds for this client (nginx's
+        `reset_timedout_connection`): a plain close would keep retrying a zero window with
+        up to megabytes of send buffer for minutes."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
 
     # -- WebSocket -------------------------------------------------------------------------------
 

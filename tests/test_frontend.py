@@ -6,6 +6,7 @@ right run against both `edge_server` choices.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import select
@@ -377,6 +378,31 @@ def test_stalled_body_gets_408_and_the_upstream_request_is_aborted(
         assert all(not complete and length < 1000 for length, complete in log.bodies), log.bodies
     finally:
         rec.stop()
+
+
+def test_client_that_stops_reading_is_cut_off_and_the_upstream_freed(
+    start: Callable[..., TurnoutInstance], up: dict[str, ThreadedServer]
+) -> None:
+    """A client that asks for 64 MiB and reads nothing is aborted at the send-stall deadline; the upstream connection is dropped, the pool drains, the next request works (§2.7 slow read)."""
+    inst = start(seed=release_doc(up["stable"].url, up["canary"].url), client_idle_timeout_s=0.5)
+    sock = socket.create_connection((LOOPBACK, inst.edge_port), timeout=10)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(req("/stream?bytes=67108864&chunk=65536"))
+        pools = inst.context["edge"].pools.pools.values()
+        assert wait_until(lambda: any(p.active_count for p in pools), 10)
+        # Nothing is read: once the send buffers are full the edge waits 0.5 s, then aborts.
+        assert wait_until(lambda: all(p.active_count == 0 for p in pools), 30)
+        received = 0
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(1 << 20):
+                received += len(chunk)
+        assert received < 64 * MiB  # cut off with a reset, not delivered whole or trickled on
+    finally:
+        sock.close()
+    with Client(inst.edge_port) as c:
+        c.send(req("/after"))
+        assert c.response().json()["path"] == "/after"
 
 
 # -- keep-alive and HTTP/1.0: §2.10 ---------------------------------------------------------------
