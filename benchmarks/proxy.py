@@ -464,8 +464,9 @@ class Bench:
 
     # -- load
 
-    def wrk(self, port: int, conns: int, duration: float) -> Result:
-        argv = [
+    def wrk_argv(self, port: int, conns: int, duration: float) -> list[str]:
+        """wrk on core 0 with the counting Lua script (the one load of every setup)."""
+        return [
             *NICE,
             "taskset",
             "-c",
@@ -481,8 +482,10 @@ class Bench:
             str(self.lua),
             f"http://{LOOPBACK}:{port}/",
         ]
+
+    def wrk(self, port: int, conns: int, duration: float) -> Result:
         p = subprocess.Popen(
-            argv,
+            self.wrk_argv(port, conns, duration),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -706,24 +709,8 @@ class Bench:
         raw = self.tmp / "profile.txt"
         spy_log = self.tmp / "py-spy.log"
         lead = 2.0
-        argv = [
-            *NICE,
-            "taskset",
-            "-c",
-            "0",
-            "wrk",
-            "-t1",
-            f"-c{conns}",
-            f"-d{a.profile_duration + 2 * lead:g}s",
-            "--latency",
-            "--timeout",
-            "5s",
-            "-s",
-            str(self.lua),
-            f"http://{LOOPBACK}:{edge_port}/",
-        ]
         wrk = subprocess.Popen(
-            argv,
+            self.wrk_argv(edge_port, conns, a.profile_duration + 2 * lead),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -67,19 +67,6 @@ def _status_lines() -> dict[int, bytes]:
 STATUS_LINES = _status_lines()
 
 
-def _simple_response(status: int, message: str) -> bytes:
-    body = f"turnout: {message}\n".encode()
-    return b"".join(
-        (
-            STATUS_LINES[status],
-            b"content-type: text/plain; charset=utf-8\r\n",
-            b"content-length: %d\r\n" % len(body),
-            b"connection: close\r\n\r\n",
-            body,
-        )
-    )
-
-
 class _Request:
     """One request on a connection, and the `Downstream` the pipeline answers it through."""
 
@@ -412,28 +399,24 @@ class EdgeConnection(asyncio.Protocol):
         self.task = self.loop.create_task(self._run(request))
 
     async def _run(self, request: _Request) -> None:
-        url = request.url
-        path, _, query = url.partition(b"?")
+        path, _, query = request.url.partition(b"?")
         try:
-            if b"#" in url:
-                request.keep_alive = False
-                await request.respond(*_plain(400, "fragment in request target"))
-            else:
-                await self.pipeline.handle(
-                    request.method,
-                    path,
-                    query,
-                    request.headers,
-                    request.version,
-                    self.client,
-                    "http",
-                    request,
-                )
+            await self.pipeline.handle(
+                request.method,
+                path,
+                query,
+                request.headers,
+                request.version,
+                self.client,
+                "http",
+                request,
+            )
         except Exception:
             log.exception("edge: unhandled error in the request pipeline")
             if not request.started and not self.gone:
-                request.keep_alive = False
-                await request.respond(*_plain(500, "internal error"))
+                await request.respond(
+                    *self.pipeline.error_response(500, "internal error", None, close=True)
+                )
         if request.finished:
             return
         # The pipeline let go without an answer (client gone, body timed out or refused) or
@@ -445,7 +428,7 @@ class EdgeConnection(asyncio.Protocol):
             self.transport.abort()  # never end a broken body "cleanly" (HARDENING §2.12)
             return
         if request.timed_out:
-            self.transport.write(_simple_response(408, "request body timed out"))
+            self.transport.write(self._error_bytes(408, "request body timed out"))
         elif self.refusal is not None:
             self.transport.write(self.refusal)
             self.refusal = None
@@ -519,12 +502,18 @@ class EdgeConnection(asyncio.Protocol):
             self.parsing = None
             parsing.wake()
 
+    def _error_bytes(self, status: int, message: str) -> bytes:
+        """The pipeline's error answer, with `Connection: close`, for input no request owns."""
+        status, headers, body = self.pipeline.error_response(status, message, None, close=True)
+        head = b"".join(b"%s: %s\r\n" % header for header in headers)
+        return STATUS_LINES[status] + head + b"\r\n" + body
+
     def _refuse(self, status: int, message: str) -> None:
         """Input that cannot be a request (unparseable, too large, too slow): the requests
         read before it are answered, then this error, then the connection closes. Nothing
         of it reaches the pipeline."""
         self._stop_input()
-        self.refusal = _simple_response(status, message)
+        self.refusal = self._error_bytes(status, message)
         if self.active is None and not self.queue and not self.gone:
             self.transport.write(self.refusal)
             self.refusal = None
@@ -629,18 +618,6 @@ class _Refused(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-def _plain(status: int, message: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    body = f"turnout: {message}\n".encode()
-    return (
-        status,
-        [
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", b"%d" % len(body)),
-        ],
-        body,
-    )
 
 
 class EdgeServer:

@@ -468,6 +468,8 @@ class Pipeline:
         set_cookie: bytes | None = None
         try:
             path = canonical_path(raw_path)
+            if b"#" in query:
+                raise Reject(400, "fragment in request target")  # HARDENING row 24
             kept, host, unit_raw, cookie, email_raw, length, chunked = self.request_filter(
                 headers, http_version, client, scheme
             )

@@ -28,22 +28,15 @@ from flags.filestore import FileStore
 from flags.settings import Settings
 from flags.store import Revision
 from flags.watch import ConfigWatcher
+from tests.harness import release_doc
 
 pytestmark = pytest.mark.timeout(30)
 
 TOKEN = "test-admin-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-SEED: dict[str, Any] = {
-    "releases": {
-        "web": {
-            "stable": ["http://127.0.0.1:9001"],
-            "canary": ["http://127.0.0.1:9002"],
-            "stage": "beta",
-            "internal": {"unit_ids": ["alice"]},
-        }
-    },
-    "routes": [{"host": "*", "path_prefix": "/", "release": "web"}],
-}
+SEED = release_doc(
+    "http://127.0.0.1:9001", "http://127.0.0.1:9002", internal={"unit_ids": ["alice"]}
+)
 
 
 class RacingStore(FileStore):

@@ -24,6 +24,7 @@ from flags.document import Document, load_document
 from flags.filestore import FileStore
 from flags.settings import Settings
 from flags.watch import ConfigWatcher
+from tests.harness import release_doc
 from turnout.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE, main
 from turnout.demo import DemoBackend, demo_document
 
@@ -31,17 +32,9 @@ pytestmark = pytest.mark.timeout(30)
 
 TOKEN = "cli-test-token-0123456789abcdef"
 SERVER_START_TIMEOUT_S = 10.0
-SEED: dict[str, Any] = {
-    "releases": {
-        "web": {
-            "stable": ["http://127.0.0.1:9001"],
-            "canary": ["http://127.0.0.1:9002"],
-            "stage": "beta",
-            "internal": {"unit_ids": ["alice"]},
-        }
-    },
-    "routes": [{"host": "*", "path_prefix": "/", "release": "web"}],
-}
+SEED = release_doc(
+    "http://127.0.0.1:9001", "http://127.0.0.1:9002", internal={"unit_ids": ["alice"]}
+)
 
 
 @dataclass

@@ -224,6 +224,7 @@ def edge(request: pytest.FixtureRequest, start: Callable[..., TurnoutInstance]) 
         ),
         pytest.param("turnout", b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505, id="turnout-http2"),
         pytest.param("turnout", b"GET /\r\n\r\n", 400, id="turnout-http0.9"),
+        pytest.param("turnout", req("/a?b#c"), 400, id="fragment-in-query"),
         *(
             pytest.param(server, data, 400, id=f"{server}-{name}")
             for server in BOTH
