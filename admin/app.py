@@ -19,9 +19,9 @@ from admin.auth import BearerAuth, is_loopback, resolve_admin_token
 from admin.context import AdminContext
 from admin.responses import ApiError, json_response
 from flags.errors import ConfigError
-from flags.settings import Settings
 from flags.store import Store
-from flags.watch import ConfigWatcher
+from stores.settings import Settings
+from stores.watch import ConfigWatcher
 
 log = logging.getLogger("turnout.admin")
 

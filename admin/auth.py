@@ -22,8 +22,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from flags.errors import ConfigError
-from flags.secretfile import read_or_create_secret
-from flags.settings import Settings
+from stores.secretfile import read_or_create_secret
+from stores.settings import Settings
 
 TOKEN_FILE_NAME = "admin-token"  # noqa: S105 - a file name, not a secret
 TOKEN_BYTES = 32  # secrets.token_urlsafe(32): 256 bits, above the 128-bit floor of §5

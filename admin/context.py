@@ -21,9 +21,9 @@ from admin.auth import BearerAuth
 from admin.responses import ApiError
 from flags.document import Document
 from flags.errors import ConfigError, StoreError, VersionConflict, VersionNotFound
-from flags.settings import Settings
 from flags.store import Revision, Store, VersionInfo
-from flags.watch import ConfigWatcher
+from stores.settings import Settings
+from stores.watch import ConfigWatcher
 
 STORE_READ_TIMEOUT_S = 2.0
 # Longer than a read: a commit cut short by our timeout may still land in the store.

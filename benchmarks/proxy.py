@@ -281,7 +281,7 @@ end
 TURNOUT_BOOT = """\
 import sys, json
 sys.path.insert(0, {root!r})
-from flags.settings import Settings
+from stores.settings import Settings
 from turnout.server import run
 args = json.loads(sys.argv[1])
 run(Settings(**args))

@@ -16,10 +16,10 @@ from edge.targets import PoolSet
 from edge.upstream import Timeouts
 from edge.websocket import WebSocketProxy
 from flags.evaluate import Snapshot
-from flags.secretfile import read_or_create_secret
-from flags.settings import Settings
 from flags.store import Revision
-from flags.watch import ConfigWatcher
+from stores.secretfile import read_or_create_secret
+from stores.settings import Settings
+from stores.watch import ConfigWatcher
 
 
 class Edge:

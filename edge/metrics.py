@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from flags.evaluate import Snapshot
     from flags.store import Revision
-    from flags.watch import ConfigWatcher
+    from stores.watch import ConfigWatcher
 
 LATENCY_BUCKETS_S = (
     0.0005,

@@ -1,5 +1,6 @@
 """Turnout's pure core: the configuration document, bucketing and routing decisions.
 
-Nothing in this package opens a socket or touches asyncio except the store modules at its
-edge (`filestore`, `redisstore`, `watch`), which are the only places that do I/O.
+Data in, data out: no sockets, no asyncio, no files, no redis, no yaml, no pydantic-settings
+(`tests/test_layering.py` holds the allow-list). The stores, the watcher, settings and secret
+files that do I/O live beside it in `stores/`.
 """

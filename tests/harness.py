@@ -19,7 +19,7 @@ from urllib.parse import parse_qs
 import orjson
 import uvicorn
 
-from flags.settings import Settings
+from stores.settings import Settings
 from turnout.server import install_event_loop_policy, serve
 
 LOOPBACK = "127.0.0.1"

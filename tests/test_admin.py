@@ -24,10 +24,10 @@ from admin.audit import escape
 from admin.auth import resolve_admin_token
 from flags.document import Document, load_document
 from flags.errors import ConfigError
-from flags.filestore import FileStore
-from flags.settings import Settings
 from flags.store import Revision
-from flags.watch import ConfigWatcher
+from stores.filestore import FileStore
+from stores.settings import Settings
+from stores.watch import ConfigWatcher
 from tests.harness import release_doc
 
 pytestmark = pytest.mark.timeout(30)

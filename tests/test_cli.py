@@ -21,9 +21,9 @@ from websockets.asyncio.client import connect
 
 from admin.app import create_admin_app
 from flags.document import Document, load_document
-from flags.filestore import FileStore
-from flags.settings import Settings
-from flags.watch import ConfigWatcher
+from stores.filestore import FileStore
+from stores.settings import Settings
+from stores.watch import ConfigWatcher
 from tests.harness import release_doc
 from turnout.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE, main
 from turnout.demo import DemoBackend, demo_document

@@ -17,9 +17,9 @@ import pytest
 
 from flags.document import Document, load_document
 from flags.errors import ConfigError, StoreError, VersionConflict, VersionNotFound
-from flags.filestore import FileStore, write_atomic
 from flags.store import Revision, Store, VersionInfo
-from flags.watch import (
+from stores.filestore import FileStore, write_atomic
+from stores.watch import (
     REJECT_INVALID,
     SOURCE_BOOTSTRAP,
     SOURCE_DEFAULT,
@@ -265,7 +265,7 @@ def test_filestore_is_a_store() -> None:
 
 WATCH_SCRIPT = """
 import asyncio, sys
-from flags.filestore import FileStore
+from stores.filestore import FileStore
 
 async def main():
     store = FileStore(sys.argv[1], poll_interval_s=0.02)
@@ -318,7 +318,7 @@ CAS_SCRIPT = """
 import asyncio, pathlib, sys, time
 from flags.document import load_document
 from flags.errors import VersionConflict
-from flags.filestore import FileStore
+from stores.filestore import FileStore
 
 async def main():
     root, barrier, name = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3]

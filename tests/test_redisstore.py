@@ -16,11 +16,12 @@ from flags.changes import put_release, rollback, set_stage
 from flags.document import Document, load_document
 from flags.errors import StoreError, StoreUnavailable, VersionConflict, VersionNotFound
 from flags.evaluate import Facts, decide
-from flags.filestore import FileStore, encode_revision
-from flags.redisstore import RedisStore, checksum, parse_sentinel_url
 from flags.store import Revision, VersionInfo
-from flags.stores import make_store
-from flags.watch import ConfigWatcher, decode_bootstrap
+from stores.factory import make_store
+from stores.filestore import FileStore
+from stores.redisstore import RedisStore, parse_sentinel_url
+from stores.revision import checksum, encode_revision
+from stores.watch import ConfigWatcher, decode_bootstrap
 from tests.redisproc import BlackholeProxy, free_port, redis_server, sentinel_cluster
 
 PREFIX = "turnout"

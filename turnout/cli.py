@@ -352,7 +352,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from flags.errors import ConfigError
-    from flags.settings import Settings, load_settings
+    from stores.settings import Settings, load_settings
 
     if args.config is not None and not Path(args.config).is_file():
         raise UsageError(f"no such settings file: {args.config}")

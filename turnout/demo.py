@@ -26,7 +26,7 @@ from pydantic import SecretStr
 from websockets.asyncio.server import Server, ServerConnection, serve
 
 from admin.auth import resolve_admin_token, token_file
-from flags.settings import Settings
+from stores.settings import Settings
 
 DEMO_RELEASE = "web"
 DEMO_USERS = 1000

@@ -23,9 +23,9 @@ from edge.frontend import EdgeServer
 from edge.httpserver import TurnoutHttpProtocol
 from flags.document import load_document
 from flags.errors import ConfigError
-from flags.settings import Settings
 from flags.store import Store
-from flags.watch import ConfigWatcher
+from stores.settings import Settings
+from stores.watch import ConfigWatcher
 
 log = logging.getLogger("turnout.server")
 
@@ -39,7 +39,7 @@ class _Server(uvicorn.Server):
 
 
 def make_store(settings: Settings) -> Store:
-    from flags.stores import make_store as _make
+    from stores.factory import make_store as _make
 
     return _make(
         settings.store or str(settings.store_dir),

@@ -15,8 +15,8 @@ import logging
 from typing import Any
 
 from edge.app import Edge
-from flags.settings import Settings, load_settings
-from flags.watch import ConfigWatcher
+from stores.settings import Settings, load_settings
+from stores.watch import ConfigWatcher
 from turnout.server import make_store, seed_store
 
 log = logging.getLogger("turnout.worker")

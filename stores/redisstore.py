@@ -5,7 +5,7 @@ Rules of this file:
   `redis.exceptions.*`, `OSError` and `TimeoutError` is mapped here, in `_mapped()`, to
   `StoreUnavailable` (cannot reach / cannot confirm) or `StoreError` (anything else).
 * Keys (`{p}` = key_prefix):
-      {p}:rev:{n}   one immutable revision, `filestore.encode_revision` bytes
+      {p}:rev:{n}   one immutable revision, `revision.encode_revision` bytes
       {p}:current   the current version (decimal string), the pointer polled as the truth
       {p}:sha256    hash version -> sha256 hex of {p}:rev:{n}, beside the pointer;
                     verified on every read (mismatch = `ConfigError` on field "checksum")
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -50,8 +49,8 @@ from flags.errors import (
     VersionConflict,
     VersionNotFound,
 )
-from flags.filestore import decode_revision, encode_revision
 from flags.store import Revision, VersionInfo
+from stores.revision import checksum, decode_revision, encode_revision
 
 log = logging.getLogger("turnout.redisstore")
 
@@ -105,10 +104,6 @@ return 1
 
 # Error replies that mean "this node cannot serve us right now" rather than "bad request".
 _UNAVAILABLE_REPLIES = ("READONLY", "LOADING", "MASTERDOWN", "NOREPLICAS", "BUSY")
-
-
-def checksum(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 @contextlib.contextmanager

@@ -18,13 +18,13 @@ import fcntl
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import orjson
 
-from flags.document import Document, load_document
-from flags.errors import ConfigError, StoreError, VersionConflict, VersionNotFound
+from flags.document import Document
+from flags.errors import StoreError, VersionConflict, VersionNotFound
 from flags.store import Revision, VersionInfo
+from stores.revision import decode_revision, encode_revision
 
 DEFAULT_POLL_INTERVAL_S = 0.1
 _VERSION_DIGITS = 12
@@ -48,28 +48,6 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-def encode_revision(revision: Revision) -> bytes:
-    payload = {
-        "info": revision.info.to_dict(),
-        "document": revision.document.model_dump(mode="json"),
-    }
-    return orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
-
-
-def decode_revision(data: bytes) -> Revision:
-    """Parse a stored revision; `ConfigError` when its document is invalid."""
-    try:
-        raw: Any = orjson.loads(data)
-        info = VersionInfo.from_dict(raw["info"])
-        document_raw = raw["document"]
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise ConfigError("document", f"unreadable stored revision: {exc}") from None
-    document = load_document(document_raw)
-    if document.version != info.version:
-        raise ConfigError("version", "document version differs from its metadata")
-    return Revision(document=document, info=info)
 
 
 class FileStore:

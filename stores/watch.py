@@ -38,8 +38,9 @@ import orjson
 from flags.document import Document, Release, check_document, load_document, load_model
 from flags.errors import ConfigError, StoreError, VersionConflict
 from flags.evaluate import EMPTY_SNAPSHOT, Snapshot, compile_snapshot
-from flags.filestore import decode_revision, encode_revision, write_atomic
 from flags.store import Revision, Store, VersionInfo
+from stores.filestore import write_atomic
+from stores.revision import decode_revision, encode_revision
 
 log = logging.getLogger("turnout.watch")
 audit = logging.getLogger("turnout.audit")
@@ -80,7 +81,7 @@ class LocalOverride:
 
 def encode_bootstrap(revision: Revision, override: LocalOverride | None = None) -> bytes:
     """The filestore encoding, plus `"local_override": true` and the edit when an override
-    is pending. `filestore.decode_revision` ignores the extra keys, so both directions stay
+    is pending. `revision.decode_revision` ignores the extra keys, so both directions stay
     compatible with plain revision files."""
     payload: dict[str, Any] = orjson.loads(encode_revision(revision))
     if override is not None:

@@ -1,6 +1,6 @@
 """Pick a `Store` from one setting: a directory (or `file://` URL) or a Redis URL.
 
-`flags.redisstore` is imported only when a Redis URL is given, so an edge running on the
+`stores.redisstore` is imported only when a Redis URL is given, so an edge running on the
 embedded file store never imports `redis` (DESIGN.md §1 rule 1).
 """
 
@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from flags.filestore import FileStore
 from flags.store import Store
+from stores.filestore import FileStore
 
 REDIS_SCHEMES = ("redis", "rediss", "redis+sentinel", "unix")
 
@@ -27,7 +27,7 @@ def make_store(
     keywords (key_prefix, timeouts, wait_replicas, wait_timeout_ms)."""
     scheme = urlsplit(url_or_path).scheme.lower()
     if scheme in REDIS_SCHEMES:
-        from flags.redisstore import RedisStore
+        from stores.redisstore import RedisStore
 
         return RedisStore.from_url(url_or_path, **dict(redis_options or {}))
     if scheme == "file":
