@@ -1,6 +1,8 @@
 """The admin application factory: a separate listener for the control plane.
 
-Reads are open (the listener is loopback by default); every write needs the bearer token,
+Reads are open on a loopback listener and need the bearer token on any other (issue #13:
+they show unit ids and backend addresses); `/healthz`, `/readyz` and (unless `metrics_open` is
+off) `/metrics` stay open. Every write needs the bearer token,
 goes through `admin.writes.perform_write` and becomes a new configuration version.
 """
 
@@ -15,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from admin import config, health, releases, repair, versions
-from admin.auth import BearerAuth, is_loopback, resolve_admin_token
+from admin.auth import BearerAuth, ReadGuard, is_loopback, resolve_admin_token
 from admin.context import AdminContext
 from admin.responses import ApiError, json_response
 from flags.errors import ConfigError
@@ -63,7 +65,7 @@ def create_admin_app(
         registry=registry,
         auth=BearerAuth(resolve_admin_token(settings)),
     )
-    return Starlette(
+    app = Starlette(
         routes=[
             *health.routes(ctx),
             *config.routes(ctx),
@@ -77,3 +79,10 @@ def create_admin_app(
             Exception: _unexpected,
         },
     )
+    app.add_middleware(
+        ReadGuard,
+        auth=ctx.auth,
+        reads_open=is_loopback(settings.admin_host),
+        metrics_open=settings.metrics_open,
+    )
+    return app

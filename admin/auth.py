@@ -20,6 +20,9 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+import orjson
 
 from flags.errors import ConfigError
 from stores.secretfile import read_or_create_secret
@@ -91,3 +94,56 @@ def actor_from(headers: Mapping[str, str]) -> str:
     "token". Only a label (the token is what authorises); it cannot inject log lines."""
     claimed = _ACTOR_UNSAFE.sub("", headers.get(ACTOR_HEADER, ""))[:MAX_ACTOR_CHARS]
     return claimed or DEFAULT_ACTOR
+
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+METRICS_PATH = "/metrics"
+_READ_METHODS = frozenset({"GET", "HEAD"})
+_READ_DENIED = orjson.dumps({"error": "a valid 'Authorization: Bearer <token>' is required"})
+
+
+class ReadGuard:
+    """ASGI middleware: reads need the bearer token too when the admin listener is not on
+    loopback, since they show internal unit ids and backend addresses (issue #13). `/healthz`
+    and `/readyz` stay open for probes and load balancers, `/metrics` too unless
+    `metrics_open` is off (then it needs the token everywhere). Writes are checked (and
+    audited) by the write pipeline itself, so only GET and HEAD are looked at here."""
+
+    def __init__(self, app: Any, auth: BearerAuth, *, reads_open: bool, metrics_open: bool):
+        self.app = app
+        self.auth = auth
+        self.reads_open = reads_open
+        self.metrics_open = metrics_open
+
+    def _needs_token(self, path: str) -> bool:
+        if path in OPEN_PATHS:
+            return False
+        if path == METRICS_PATH:
+            return not self.metrics_open
+        return not self.reads_open
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] in _READ_METHODS
+            and self._needs_token(scope["path"])
+        ):
+            authorization = None
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    authorization = value.decode("latin-1")
+            if not self.auth.check(authorization):
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 401,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", b"%d" % len(_READ_DENIED)),
+                            (b"www-authenticate", b'Bearer realm="turnout-admin"'),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": _READ_DENIED})
+                return
+        await self.app(scope, receive, send)

@@ -37,9 +37,29 @@ def require_release(doc: Document, name: str) -> None:
 
 def routes(ctx: AdminContext) -> list[Route]:
     async def list_releases(request: Request) -> Response:
-        doc = await ctx.latest_document()
+        """The store's releases; while the store is unreachable, the ones this instance
+        serves (its own snapshot), marked stale, so `turnout status` answers during an
+        outage (issue #13)."""
+        try:
+            doc = await ctx.latest_document()
+        except ApiError as exc:
+            if exc.status != 503:
+                raise
+            doc = ctx.watcher.snapshot.document
+            views = [release_view(doc, name) for name in sorted(doc.releases)]
+            body = {
+                "version": doc.version,
+                "releases": views,
+                "source": "instance",
+                "stale": True,
+                "store_error": exc.message,
+            }
+            return versioned_response(body, doc.version)
         views = [release_view(doc, name) for name in sorted(doc.releases)]
-        return versioned_response({"version": doc.version, "releases": views}, doc.version)
+        return versioned_response(
+            {"version": doc.version, "releases": views, "source": "store", "stale": False},
+            doc.version,
+        )
 
     async def get_release(request: Request) -> Response:
         name = request.path_params["name"]

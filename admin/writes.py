@@ -34,6 +34,7 @@ from admin.auth import actor_from
 from admin.context import AdminContext
 from admin.inputs import parse_if_match, read_json
 from admin.responses import ApiError, json_response, versioned_response
+from flags.diff import diff_documents
 from flags.document import Document
 from flags.errors import ConfigError
 
@@ -59,6 +60,7 @@ async def perform_write(
     edit: Edit,
     body_required: bool = True,
     local_override: bool = False,
+    dry_run: bool = False,
 ) -> Response:
     """Run one write through the pipeline; the response for the client.
 
@@ -73,8 +75,12 @@ async def perform_write(
         client=request.client.host if request.client else "",
         request_id=_request_id(request),
     )
+    if dry_run:
+        event.detail = "dry run: nothing written"
     try:
-        response = await _write(ctx, request, event, edit, body_required, local_override)
+        response = await _write(
+            ctx, request, event, edit, body_required, local_override and not dry_run, dry_run
+        )
     except ApiError as exc:
         event.status = exc.status
         event.detail = f"{exc.field}: {exc.message}" if exc.field else exc.message
@@ -102,6 +108,7 @@ async def _write(
     edit: Edit,
     body_required: bool,
     local_override_allowed: bool,
+    dry_run: bool = False,
 ) -> Response:
     authorization = request.headers.get("authorization")
     if not ctx.auth.check(authorization):
@@ -120,7 +127,7 @@ async def _write(
     if not isinstance(local, bool):
         raise ApiError(422, "must be true or false", field=LOCAL_OVERRIDE_FIELD)
     try:
-        return await _commit(ctx, event, edit, body, accepted)
+        return await _commit(ctx, event, edit, body, accepted, dry_run)
     except ApiError as exc:
         if not (local and exc.status == 503):
             raise
@@ -161,6 +168,7 @@ async def _commit(
     edit: Edit,
     body: dict[str, Any],
     accepted: frozenset[int] | None,
+    dry_run: bool = False,
 ) -> Response:
     latest = await ctx.latest()
     before = latest.version if latest is not None else 0
@@ -185,6 +193,18 @@ async def _commit(
         new, summary = await edit(current, body)
     except ConfigError as exc:
         raise ApiError(422, exc.message, field=exc.field or None) from None
+    changes = [change.to_dict() for change in diff_documents(current, new)]
+    if dry_run:
+        return versioned_response(
+            {"version": before, "dry_run": True, "summary": summary, "changes": changes}, before
+        )
+    if new.content() == current.content():
+        # An identical write is not a new version (issue #13): nothing to apply or audit-diff.
+        event.after_version = before
+        event.detail = "no change"
+        return versioned_response(
+            {"version": before, "changed": False, "summary": "no change", "changes": []}, before
+        )
 
     revision = await ctx.commit(
         new,
@@ -195,4 +215,7 @@ async def _commit(
     )
     event.after_version = revision.version
     ctx.watcher.offer(revision)
-    return versioned_response({"version": revision.version, "summary": summary}, revision.version)
+    return versioned_response(
+        {"version": revision.version, "changed": True, "summary": summary, "changes": changes},
+        revision.version,
+    )

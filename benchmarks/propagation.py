@@ -47,7 +47,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import orjson  # noqa: E402
-import yaml  # noqa: E402
 
 from tests.redisproc import LOCALHOST, RedisServer, free_port  # noqa: E402
 
@@ -112,8 +111,8 @@ class Instance:
         self.dir = workdir / self.name
         self.dir.mkdir()
         self.config = self.dir / "settings.yaml"
-        self.config.write_text(
-            yaml.safe_dump(
+        self.config.write_bytes(
+            orjson.dumps(  # JSON is YAML
                 {
                     "edge_host": LOCALHOST,
                     "edge_port": self.edge_port,

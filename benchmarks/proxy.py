@@ -418,9 +418,12 @@ class Bench:
         self.nginx_proxy_proc = p
         return port
 
-    def start_turnout(self, edge_server: str = "turnout") -> tuple[int, int]:
+    def start_turnout(
+        self, edge_server: str = "turnout", access_log: str = "off"
+    ) -> tuple[int, int]:
         edge_port, admin_port = free_port(), free_port()
-        state = self.tmp / f"turnout-state-{edge_server}"
+        name = edge_server if access_log == "off" else f"{edge_server}-access-log"
+        state = self.tmp / f"turnout-state-{name}"
         state.mkdir()
         settings = {
             "state_dir": str(state),
@@ -434,8 +437,9 @@ class Bench:
             "cookie_secret": COOKIE_SECRET,
             "expose_decision_headers": True,
             "edge_server": edge_server,
+            "access_log": access_log,
         }
-        log = self.tmp / f"turnout-{edge_server}.log"
+        log = self.tmp / f"turnout-{name}.log"
         argv = [
             "taskset",
             "-c",
@@ -445,7 +449,7 @@ class Bench:
             TURNOUT_BOOT.format(root=str(ROOT)),
             json.dumps(settings),
         ]
-        p = self.procs.start(f"turnout-{edge_server}", argv, log, cwd=str(self.tmp))
+        p = self.procs.start(f"turnout-{name}", argv, log, cwd=str(self.tmp))
         self.turnout_proc = p
         wait_http(f"http://{LOOPBACK}:{admin_port}/readyz", 30, p, log)
         wait_http(f"http://{LOOPBACK}:{edge_port}/", 10, p, log)
@@ -536,6 +540,19 @@ class Bench:
             ),
             Setup("C", "turnout (1 process)", edge_port, lambda: [tp.pid], lambda: [tp.pid]),
         ]
+        if a.access_log:
+            log_port, _ = self.start_turnout(access_log=str(self.tmp / "access.log"))
+            lp = self.turnout_proc
+            assert lp is not None
+            setups.append(
+                Setup(
+                    "L",
+                    "turnout + access log (file)",
+                    log_port,
+                    lambda: [lp.pid],
+                    lambda: [lp.pid],
+                )
+            )
         if a.uvicorn:
             uv_port, _ = self.start_turnout("uvicorn")
             up = self.turnout_proc
@@ -987,6 +1004,12 @@ def main() -> int:
         action="store_true",
         help="also run setup D, Turnout with edge_server=uvicorn (with --profile: profile that "
         "one instead)",
+    )
+    ap.add_argument(
+        "--access-log",
+        action="store_true",
+        help="also run setup L, Turnout writing its access log to a file (C runs with "
+        "access_log: off), to measure the access log's cost (issue #13 target: <= 5 %% RPS)",
     )
     args = ap.parse_args()
     if args.quick:

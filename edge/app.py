@@ -8,6 +8,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from edge.accesslog import AccessLog
 from edge.asgi import EdgeApp
 from edge.identity import CookieSigner, Identity
 from edge.metrics import EdgeMetrics, TurnoutCollector
@@ -15,6 +16,7 @@ from edge.pipeline import Pipeline
 from edge.targets import PoolSet
 from edge.upstream import Timeouts
 from edge.websocket import WebSocketProxy
+from flags.errors import ConfigError
 from flags.evaluate import Snapshot
 from flags.store import Revision
 from stores.secretfile import read_or_create_secret
@@ -58,6 +60,8 @@ class Edge:
             via_name=settings.via_name,
             max_body_bytes=settings.max_request_body_bytes,
         )
+        self.access_log = open_access_log(settings, secret)
+        self.pipeline.access_log = self.access_log
         self.app = EdgeApp(self.pipeline, WebSocketProxy(self.pipeline))
         self.watcher = watcher
         self._closing: set[asyncio.Task[None]] = set()
@@ -77,3 +81,25 @@ class Edge:
 
     async def aclose(self) -> None:
         await self.pools.aclose()
+        if self.access_log is not None:
+            await self.access_log.aclose()
+
+
+def open_access_log(settings: Settings, secret: str) -> AccessLog | None:
+    """The access log the settings ask for, its flush timer started when a loop runs; an
+    unwritable file is a `ConfigError` naming `access_log`."""
+    try:
+        log = AccessLog.open(
+            settings.access_log,
+            fmt=settings.access_log_format,
+            unit_id=settings.access_log_unit_id,
+            unit_key=secret.encode("utf-8"),
+        )
+    except OSError as exc:
+        raise ConfigError(
+            "access_log", f"cannot open {settings.access_log}: {exc.strerror or exc}"
+        ) from None
+    if log is not None:
+        with contextlib.suppress(RuntimeError):  # no running loop: flushed by size or aclose
+            log.start()
+    return log

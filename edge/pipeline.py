@@ -8,7 +8,7 @@
                             X-Forwarded-*, Via and X-Turnout-*            (DESIGN.md §5)
     forward                 lean pool; 502 refused/invalid, 504 timeout, 503 pool full
     response_filter         strip hop-by-hop both ways, decision headers, Set-Cookie
-    logging                 per-release, per-arm counters and latency
+    logging                 per-release, per-arm counters and latency; the access log
 
 Rules of this file:
 * It does not know ASGI: `Downstream` is the one seam (edge/asgi.py adapts ASGI to it), so a
@@ -25,6 +25,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+from edge.accesslog import AccessLog
 from edge.identity import Identity
 from edge.metrics import EdgeMetrics
 from edge.targets import PoolSet, Target
@@ -41,6 +42,7 @@ from flags.evaluate import ARM_CANARY, CompiledRelease, Snapshot
 MAX_HEADERS = 100
 MAX_HEADER_BYTES = 64 * 1024
 MAX_CONTENT_LENGTH_DIGITS = 15
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer"
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 # Header kinds for the one-pass request filter.
@@ -228,6 +230,8 @@ class Pipeline:
         self.targets: dict[str, tuple[Target, Target]] = {}
         self._version_header = b"0"
         self._host_cache: dict[bytes, str] = {}
+        # The logging phase's access log (set by edge.app.Edge; None when `access_log: off`).
+        self.access_log: AccessLog | None = None
 
     # -- configuration -----------------------------------------------------------------------
 
@@ -464,8 +468,13 @@ class Pipeline:
         scheme: str,
         downstream: Downstream,
     ) -> None:
+        started = time.perf_counter()
         target: Target | None = None
         set_cookie: bytes | None = None
+        unit: str | None = None
+        host: bytes | None = None
+        path = raw_path
+        answer: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None
         try:
             path = canonical_path(raw_path)
             if b"#" in query:
@@ -475,18 +484,43 @@ class Pipeline:
             )
             rel = self.route(host, path)
             if rel is None:
-                await downstream.respond(
-                    *self.error_response(404, "no route for this host and path", None)
-                )
-                return
-            target, set_cookie = self.upstream_peer(rel, unit_raw, cookie, email_raw)
+                answer = self.error_response(404, "no route for this host and path", None)
+            else:
+                target, set_cookie, unit = self.identify(rel, unit_raw, cookie, email_raw)
         except Reject as exc:
-            await downstream.respond(
-                *self.error_response(exc.status, exc.message, None, close=exc.close)
+            answer = self.error_response(exc.status, exc.message, None, close=exc.close)
+        if answer is not None or target is None:
+            assert answer is not None
+            await downstream.respond(*answer)
+            status, size, peer = answer[0], len(answer[2]), None
+        else:
+            head = self.upstream_request_head(
+                method, path, query, host, kept, target, length, chunked
             )
-            return
-        head = self.upstream_request_head(method, path, query, host, kept, target, length, chunked)
-        await self.forward(method, head, length, chunked, target, set_cookie, downstream)
+            status, size, peer = await self.forward(
+                method, head, length, chunked, target, set_cookie, downstream
+            )
+        # logging phase: the access log takes one tuple; formatting and I/O happen off the
+        # request path (edge/accesslog.py).
+        if self.access_log is not None:
+            self.access_log.record(
+                method, host, path, status, size, time.perf_counter() - started, target, peer, unit
+            )
+
+    def identify(
+        self,
+        rel: CompiledRelease,
+        unit_raw: bytes | None,
+        cookie: bytes | None,
+        email_raw: bytes | None,
+    ) -> tuple[Target, bytes | None, str | None]:
+        """identify + decide + upstream_peer: the unit's target, the Set-Cookie value when a
+        new anonymous id was assigned, and the unit id (for the access log)."""
+        unit, set_cookie = self.identity.resolve(unit_raw, cookie)
+        email = email_raw.decode("utf-8", "replace") if email_raw is not None else None
+        decision = rel.assign(unit, email)
+        target = self.targets[rel.name][1 if decision.arm == ARM_CANARY else 0]
+        return target, set_cookie, unit
 
     def upstream_peer(
         self,
@@ -497,10 +531,8 @@ class Pipeline:
     ) -> tuple[Target, bytes | None]:
         """identify + decide + upstream_peer, shared by HTTP and WebSocket: the unit's target,
         and the Set-Cookie value when a new anonymous id was assigned."""
-        unit, set_cookie = self.identity.resolve(unit_raw, cookie)
-        email = email_raw.decode("utf-8", "replace") if email_raw is not None else None
-        decision = rel.assign(unit, email)
-        return self.targets[rel.name][1 if decision.arm == ARM_CANARY else 0], set_cookie
+        target, set_cookie, _ = self.identify(rel, unit_raw, cookie, email_raw)
+        return target, set_cookie
 
     def upstream_request_head(
         self,
@@ -561,7 +593,10 @@ class Pipeline:
         target: Target,
         set_cookie: bytes | None,
         downstream: Downstream,
-    ) -> None:
+    ) -> tuple[int, int, UpstreamPool | None]:
+        """Send the request upstream and answer the client; (status, body bytes sent, the
+        upstream that answered) for the logging phase. 499 (nginx's code) when the client
+        went away before an answer."""
         metrics = self.metrics
         release, arm = target.release, target.arm
         body: bytes | AsyncIterator[bytes] | None = None
@@ -569,18 +604,20 @@ class Pipeline:
             try:
                 body = await self._request_body(downstream, length, chunked)
             except ClientGone:
-                return
+                return CLIENT_CLOSED, 0, None
             except Reject as exc:
-                await downstream.respond(
-                    *self.error_response(exc.status, exc.message, target, set_cookie, close=True)
+                answer = self.error_response(
+                    exc.status, exc.message, target, set_cookie, close=True
                 )
+                await downstream.respond(*answer)
                 metrics.count(release, arm, exc.status)
-                return
+                return exc.status, len(answer[2]), None
         replayable = body is None or type(body) is bytes  # not an ABC check: hot path
         attempts = len(target.pools) if replayable else 1
         started = time.perf_counter()
         resp: UpstreamResponse | None = None
         error: tuple[int, str, str] | None = None
+        pool: UpstreamPool | None = None
         for _ in range(min(attempts, 2)):
             pool = target.pick()
             try:
@@ -608,18 +645,19 @@ class Pipeline:
                 break
             except (ClientGone, Reject) as exc:
                 if isinstance(exc, Reject):
-                    await downstream.respond(
-                        *self.error_response(
-                            exc.status, exc.message, target, set_cookie, close=True
-                        )
+                    answer = self.error_response(
+                        exc.status, exc.message, target, set_cookie, close=True
                     )
-                return
+                    await downstream.respond(*answer)
+                    return exc.status, len(answer[2]), pool
+                return CLIENT_CLOSED, 0, pool
         if resp is None:
             status, message, kind = error or (502, "upstream unavailable", "connect")
             metrics.error(release, arm, kind)
             metrics.count(release, arm, status)
-            await downstream.respond(*self.error_response(status, message, target, set_cookie))
-            return
+            answer = self.error_response(status, message, target, set_cookie)
+            await downstream.respond(*answer)
+            return status, len(answer[2]), pool
         elapsed = time.perf_counter() - started
         status = resp.status
         headers = self.response_filter(resp, target, set_cookie)
@@ -629,10 +667,11 @@ class Pipeline:
             await downstream.respond(status, headers, data)
             metrics.upstream_latency[arm].observe(elapsed)
             metrics.count(release, arm, status)
-            return
+            return status, len(data), pool
         metrics.upstream_latency[arm].observe(elapsed)
         metrics.count(release, arm, status)
-        await self._stream_response(resp, status, headers, downstream, release, arm)
+        sent = await self._stream_response(resp, status, headers, downstream, release, arm)
+        return status, sent, pool
 
     async def _stream_response(
         self,
@@ -642,8 +681,10 @@ class Pipeline:
         downstream: Downstream,
         release: str,
         arm: str,
-    ) -> None:
+    ) -> int:
+        """Stream the body; the number of body bytes handed to the client."""
         watcher = downstream.watch_disconnect(resp)
+        sent = 0
         try:
             await downstream.start(status, headers)
             while True:
@@ -653,14 +694,15 @@ class Pipeline:
                     # Head already sent: abort the client connection, never end "cleanly" (§2.12).
                     self.metrics.error(release, arm, "midstream")
                     resp.abort()
-                    return
+                    return sent
                 if not chunk:
                     resp.release()
                     await downstream.write(b"", False)
-                    return
+                    return sent
                 if not await downstream.write(chunk, True):
                     resp.abort()
-                    return
+                    return sent
+                sent += len(chunk)
         finally:
             resp.abort()  # no-op after release(); frees the connection on any other exit
             if watcher is not None:

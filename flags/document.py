@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flags.errors import ConfigError
 from flags.hashing import normalize_unit_id
+from flags.wording import describe_error
 
 STAGE_OFF = "off"
 STAGE_INTERNAL = "internal"
@@ -126,19 +127,8 @@ def effective_percent(doc: Document, release: Release) -> float:
     return doc.stages.get(release.stage, 0.0)
 
 
-def _field_path(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(part) for part in loc)
-
-
 def _schema_error(exc: ValidationError, prefix: str = "") -> ConfigError:
-    first = exc.errors(include_url=False)[0]
-    loc = tuple(first.get("loc", ()))
-    field = _field_path(loc)
-    if prefix:
-        field = f"{prefix}.{field}" if field else prefix
-    message = str(first.get("msg", "invalid value"))
-    if first.get("type") == "extra_forbidden":
-        message = "unknown field"
+    field, message = describe_error(exc.errors(include_url=False)[0], prefix)
     return ConfigError(field or "document", message)
 
 

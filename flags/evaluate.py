@@ -223,7 +223,14 @@ def explain(
         else:
             why = "stage is off; everyone goes to stable"
     elif decision.reason == REASON_TARGETING_MATCH:
-        why = "unit is on the internal allow-list; internal users always get the canary"
+        if unit is not None and unit in rel.internal_ids:
+            why = "unit is on the internal allow-list; internal users always get the canary"
+        else:
+            domain = (email or "").rpartition("@")[2].strip().lower()
+            why = (
+                f"e-mail domain {domain} is an internal domain of this release; "
+                "internal users always get the canary"
+            )
     elif decision.reason == REASON_SPLIT:
         cmp = "<" if decision.arm == ARM_CANARY else ">="
         why = (

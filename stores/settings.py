@@ -8,21 +8,44 @@ environment.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    YamlConfigSettingsSource,
-)
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from flags.errors import ConfigError
+from flags.wording import describe_error
+from stores.yamlfile import YamlError, read_mapping_file
+
+ENV_PREFIX = "TURNOUT_"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class SettingsError(ConfigError):
+    """A setting that cannot be used: `field` is the setting's name, the message says why
+    and where to change it (the settings file key or the `TURNOUT_*` variable)."""
+
+
+class YamlFileSource(PydanticBaseSettingsSource):
+    """The settings file, read by Turnout's one YAML loader (YAML 1.2, duplicate keys
+    refused with their line) instead of pydantic-settings' PyYAML source."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: str) -> None:
+        super().__init__(settings_cls)
+        self.data = read_mapping_file(path, "the settings")
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self.data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.data)
 
 
 class Settings(BaseSettings):
     """Every knob of a Turnout process."""
 
-    model_config = SettingsConfigDict(env_prefix="TURNOUT_", extra="forbid", yaml_file=None)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
     # Listeners
     edge_host: str = "127.0.0.1"
@@ -77,7 +100,19 @@ class Settings(BaseSettings):
     upstream_max_connections: int = Field(default=512, ge=1)
     max_request_body_bytes: int = Field(default=100 * 1024 * 1024, ge=0)
 
+    # Logs: "human" lines (time, level, logger, message) or one JSON object per line.
     log_level: str = "info"
+    log_format: Literal["human", "json"] = "human"
+    # The edge's access log (edge/accesslog.py): one line per exchange, formatted and written
+    # off the request path in batches. "stdout", "stderr", a file path, or "off".
+    access_log: str = "stdout"
+    access_log_format: Literal["json", "human"] = "json"
+    # The unit id in access log lines: "hash" (a short keyed digest: the same user gives the
+    # same value, which cannot be turned back into the id) or "omit".
+    access_log_unit_id: Literal["hash", "omit"] = "hash"
+    # GET /metrics without the admin token. Off: it needs the token like every other read
+    # when the admin listener is not on loopback.
+    metrics_open: bool = True
 
     @field_validator("unit_header", "email_header", "unit_cookie")
     @classmethod
@@ -86,6 +121,21 @@ class Settings(BaseSettings):
         if not value or any(c in value for c in ' \t\r\n:;,="') or not value.isascii():
             raise ValueError("must be a header/cookie name token")
         return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        level = value.strip().lower()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"must be one of: {', '.join(LOG_LEVELS)}, got {value!r}")
+        return level
+
+    @field_validator("access_log")
+    @classmethod
+    def _access_log(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError('must be "stdout", "stderr", a file path, or "off"')
+        return value.strip()
 
     @field_validator("unit_header", "email_header")
     @classmethod
@@ -101,10 +151,10 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        yaml_file = settings_cls.model_config.get("yaml_file")
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if yaml_file:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        settings_file: str | None = getattr(settings_cls, "settings_file", None)
+        if settings_file is not None:
+            sources.append(YamlFileSource(settings_cls, settings_file))
         return tuple(sources)
 
     @property
@@ -131,14 +181,35 @@ class Settings(BaseSettings):
         return Path(self.bootstrap_path or Path(self.state_dir) / "bootstrap.json")
 
 
+def setting_names(field: str) -> str:
+    """Where a setting is set: its settings-file key and its environment variable."""
+    key = field.split(".", 1)[0]
+    return f"settings key {key!r} or {ENV_PREFIX}{key.upper()}"
+
+
 def load_settings(config_file: str | None = None, **overrides: Any) -> Settings:
-    """Build the settings from the environment and an optional YAML file."""
-    if config_file is None:
-        return Settings(**overrides)
+    """Build the settings from the environment and an optional YAML file.
 
-    class FileSettings(Settings):
-        model_config = SettingsConfigDict(
-            env_prefix="TURNOUT_", extra="forbid", yaml_file=config_file
+    Any failure is one `SettingsError` naming the setting, where to change it and the value
+    given (never pydantic's wording): a bad file, an unknown key, a value out of range."""
+    try:
+        if config_file is None:
+            return Settings(**overrides)
+
+        class FileSettings(Settings):
+            # pydantic-settings asks the class for its sources (settings_customise_sources).
+            settings_file: ClassVar[str | None] = config_file
+
+        return FileSettings(**overrides)
+    except YamlError as exc:
+        raise SettingsError("config", str(exc)) from None
+    except ValidationError as exc:
+        field, message = describe_error(exc.errors(include_url=False)[0])
+        if message == "unknown field":
+            message = "unknown setting (see the settings table in the README)"
+        where = (
+            f" (in {config_file} or {ENV_PREFIX}{field.upper()})"
+            if config_file
+            else (f" ({ENV_PREFIX}{field.upper()})")
         )
-
-    return FileSettings(**overrides)
+        raise SettingsError(field or "settings", message + where) from None

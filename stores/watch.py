@@ -496,6 +496,12 @@ class ConfigWatcher:
                     # version): the bootstrap copy is the LKG; this sync may re-seed it.
                     with contextlib.suppress(StoreError, TimeoutError, OSError):
                         await self.sync()
+            elif self.connected:
+                # A fresh start on an empty store is normal, not an error (issue #13).
+                log.info(
+                    "the store holds no configuration yet: every request goes to stable "
+                    "until one is applied (seed_file, or turnout apply FILE)"
+                )
             else:
                 log.error("no bootstrap copy: serving the safe default (every request on stable)")
         self._tasks.append(asyncio.create_task(self._follow_hints(), name="turnout-config-hints"))

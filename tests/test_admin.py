@@ -180,7 +180,14 @@ def test_stage_by_name_writes_a_new_version_applied_at_once(admin: Admin) -> Non
     """POST stage {"stage": "open"} commits version 2 and this instance serves it at once."""
     response = admin.stage({"stage": "open"})
     assert response.status_code == 200
-    assert response.json() == {"version": 2, "summary": "web: stage beta -> open"}
+    body = response.json()
+    assert (body["version"], body["summary"], body["changed"]) == (
+        2,
+        "web: stage beta -> open",
+        True,
+    )
+    # What changed, with the exact share of units that move (50 - 10 = 40 %).
+    assert body["changes"][0]["share"] == pytest.approx(0.4)
     assert response.headers["etag"] == '"2"'
     assert admin.version() == 2
     assert admin.watcher.version == 2

@@ -14,7 +14,6 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-import yaml
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 from websockets.asyncio.client import connect
@@ -207,7 +206,7 @@ def test_apply_yaml_file(
     document = json.loads(json.dumps(SEED))
     document["releases"]["web"]["stage"] = "open"
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(document))
+    path.write_text(json.dumps(document))
     assert turnout(server, "apply", str(path)) == EXIT_OK
     assert "version 2: document replaced" in capsys.readouterr().out
     assert server.document().releases["web"].stage == "open"

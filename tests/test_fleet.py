@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import http.client
 import itertools
+import json
 import os
 import signal
 import socket
@@ -28,7 +29,6 @@ from typing import Any
 
 import orjson
 import pytest
-import yaml
 
 from tests.harness import EchoApp, ThreadedServer, release_doc
 from tests.redisproc import LOCALHOST, RedisServer, SentinelCluster, free_port
@@ -100,7 +100,7 @@ class Instance:
         if seed is not None:
             settings["seed"] = seed
         self.config = self.dir / "settings.yaml"
-        self.config.write_text(yaml.safe_dump(settings))
+        self.config.write_text(json.dumps(settings))  # JSON is YAML
         self.log = self.dir / "turnout.log"
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -6,13 +6,18 @@ Exit codes (the same for every command):
     2  usage error (bad arguments, unreadable file)
     3  the admin API could not be reached (one line naming the URL)
 
-The environment is read only through `CliSettings` (DESIGN.md §1 rule 3).
+The environment is read only through `CliSettings` and `stores.settings` (DESIGN.md §1 rule
+3). The admin URL and token come from, strongest first: `--admin` / `--token`, the
+`TURNOUT_ADMIN_URL` / `TURNOUT_ADMIN_TOKEN` variables, the settings file (`--config FILE` or
+`TURNOUT_CONFIG`: its `admin_host`, `admin_port`, `admin_token`), then the token file in the
+state directory, so the CLI works from any directory (issue #13).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import json
 import re
 import sys
@@ -23,9 +28,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import httpx
-import yaml
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from flags.diff import diff_documents
+from flags.document import Document, load_document
+from flags.errors import ConfigError
+from stores.settings import load_settings
+from stores.yamlfile import YamlError, read_mapping_file
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -37,7 +47,10 @@ DEFAULT_STATE_DIR = "./turnout-data"
 DEFAULT_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 3.0
 TOKEN_FILE_NAME = "admin-token"  # noqa: S105 - a file name; the same as admin.auth's
-_PERCENT = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*%?$")
+# A number (with an optional sign, so `-5` gets the range message, not "unknown stage").
+_PERCENT = re.compile(r"^([-+]?[0-9]+(?:\.[0-9]*)?|[-+]?\.[0-9]+)\s*%?$")
+OUTPUT_TEXT = "text"
+OUTPUT_JSON = "json"
 
 
 class CliSettings(BaseSettings):
@@ -45,10 +58,11 @@ class CliSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="TURNOUT_", extra="ignore")
 
-    admin_url: str = DEFAULT_ADMIN_URL
+    admin_url: str | None = None
     admin_token: SecretStr | None = None
     state_dir: str = DEFAULT_STATE_DIR
     actor: str | None = None
+    config: str | None = None  # TURNOUT_CONFIG: the settings file the instance runs with
 
 
 class UsageError(Exception):
@@ -153,24 +167,77 @@ class AdminClient:
 # -- configuration of a command ---------------------------------------------------------------
 
 
-def read_token(env: CliSettings, explicit: str | None) -> str | None:
-    """`--token`, else `TURNOUT_ADMIN_TOKEN`, else `<state_dir>/admin-token` if readable."""
-    if explicit:
-        return explicit
-    if env.admin_token is not None:
-        return env.admin_token.get_secret_value()
-    try:
-        return (Path(env.state_dir) / TOKEN_FILE_NAME).read_text(encoding="utf-8").strip() or None
-    except (OSError, UnicodeDecodeError):
-        return None
+class Target:
+    """Where the CLI sends its requests: the admin URL and the token, with where they came
+    from (for the hint on a 401)."""
+
+    def __init__(self, url: str, token: str | None, token_source: str) -> None:
+        self.url = url
+        self.token = token
+        self.token_source = token_source
+
+
+def _connect_host(host: str) -> str:
+    """The address to call for a listener bound to `host` (a wildcard means this machine)."""
+    host = host.strip().strip("[]")
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def _token_file_candidates(state_dir: str, config: str | None) -> list[Path]:
+    """`<state_dir>/admin-token`; a relative state_dir is tried from here and, with a
+    settings file, from that file's directory too."""
+    paths = [Path(state_dir) / TOKEN_FILE_NAME]
+    if config is not None and not Path(state_dir).is_absolute():
+        paths.append(Path(config).resolve().parent / state_dir / TOKEN_FILE_NAME)
+    return paths
+
+
+def resolve_target(args: argparse.Namespace) -> Target:
+    """The admin URL and token for this command (see the module docstring for the order)."""
+    env = CliSettings()
+    config = getattr(args, "config", None) or env.config
+    url = getattr(args, "admin", None) or env.admin_url
+    token = getattr(args, "token", None)
+    source = "--token"
+    if not token and env.admin_token is not None:
+        token, source = env.admin_token.get_secret_value(), "TURNOUT_ADMIN_TOKEN"
+    state_dir = env.state_dir
+    if config is not None or url is None or not token:
+        try:
+            settings = load_settings(config)
+        except ConfigError as exc:
+            raise UsageError(f"{exc.field}: {exc.message}") from None
+        if url is None:
+            url = f"http://{_connect_host(settings.admin_host)}:{settings.admin_port}"
+        if not token and settings.admin_token is not None:
+            token = settings.admin_token.get_secret_value()
+            source = f"admin_token in {config}" if config else "TURNOUT_ADMIN_TOKEN"
+        state_dir = settings.state_dir
+    if not token:
+        for path in _token_file_candidates(state_dir, config):
+            try:
+                token = path.read_text(encoding="utf-8").strip() or None
+            except (OSError, UnicodeDecodeError):
+                continue
+            if token:
+                source = str(path)
+                break
+    if not token:
+        source = "none found"
+    return Target(url or DEFAULT_ADMIN_URL, token, source)
 
 
 def make_client(args: argparse.Namespace) -> AdminClient:
-    env = CliSettings()
+    target = resolve_target(args)
+    args.target = target
     return AdminClient(
-        getattr(args, "admin", None) or env.admin_url,
-        token=read_token(env, getattr(args, "token", None)),
-        actor=getattr(args, "actor", None) or env.actor,
+        target.url,
+        token=target.token,
+        actor=getattr(args, "actor", None) or CliSettings().actor,
         timeout_s=getattr(args, "timeout", None) or DEFAULT_TIMEOUT_S,
     )
 
@@ -195,26 +262,60 @@ def _percent(value: Any) -> str:
     return f"{value:g}" if isinstance(value, (int, float)) else "-"
 
 
-def _written(data: Any) -> None:
+def _json_out(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _wants_json(args: argparse.Namespace) -> bool:
+    return getattr(args, "output", OUTPUT_TEXT) == OUTPUT_JSON
+
+
+def _changes(data: Any) -> None:
+    for change in data.get("changes") or []:
+        text = change.get("text") if isinstance(change, dict) else None
+        if text:
+            print(f"  {text}")
+
+
+def _written(data: Any, args: argparse.Namespace | None = None) -> None:
+    if args is not None and _wants_json(args):
+        _json_out(data)
+        return
     if data.get("local_override"):
         print(f"local override on this instance: {data.get('summary', '')} ({data.get('message')})")
         return
+    if data.get("dry_run"):
+        changes = data.get("changes") or []
+        if changes:
+            print(f"dry run: against version {data.get('version')}, this would change:")
+            _changes(data)
+        else:
+            print(
+                f"dry run: no change (the configuration is already this, version {data.get('version')})"
+            )
+        print("nothing was written")
+        return
+    if data.get("changed") is False:
+        print(f"no change: version {data.get('version')} already says this; no version written")
+        return
     print(f"version {data.get('version')}: {data.get('summary', '')}")
+    _changes(data)
 
 
 # -- commands ---------------------------------------------------------------------------------
 
 
 def cmd_stage(client: AdminClient, args: argparse.Namespace) -> int:
-    value: str = args.value
-    match = _PERCENT.match(value.strip())
+    value: str = args.value.strip()
+    match = _PERCENT.match(value)
     body: dict[str, Any] = (
-        {"percent": float(match.group(1))} if match is not None else {"stage": value.strip()}
+        {"percent": float(match.group(1))} if match is not None else {"stage": value}
     )
     if args.local:
         body["local_override"] = True
     _written(
-        client.write("POST", f"/api/v1/releases/{_quote(args.release)}/stage", body, args.if_match)
+        client.write("POST", f"/api/v1/releases/{_quote(args.release)}/stage", body, args.if_match),
+        args,
     )
     return EXIT_OK
 
@@ -224,13 +325,15 @@ def cmd_rollback(client: AdminClient, args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"reason": args.reason}
     if args.local:
         body["local_override"] = True
-    _written(client.write("POST", path, body, args.if_match))
+    _written(client.write("POST", path, body, args.if_match), args)
     return EXIT_OK
 
 
 def cmd_store_reseed(client: AdminClient, args: argparse.Namespace) -> int:
     data = client.write("POST", "/api/v1/store/reseed", None, None)
-    if data.get("reseeded"):
+    if _wants_json(args):
+        _json_out(data)
+    elif data.get("reseeded"):
         print(f"store re-seeded with version {data.get('version')} from this instance")
     else:
         print(f"nothing to do: the store already holds version >= {data.get('version')}")
@@ -240,13 +343,22 @@ def cmd_store_reseed(client: AdminClient, args: argparse.Namespace) -> int:
 def cmd_status(client: AdminClient, args: argparse.Namespace) -> int:
     listing = client.get("/api/v1/releases")
     _, ready = client.send("GET", "/readyz", ok_statuses=(200, 503))
+    if _wants_json(args):
+        _json_out({"config": listing, "instance": ready})
+        return EXIT_OK
     state = ready.get("status", "?") if isinstance(ready, dict) else "?"
     if isinstance(ready, dict) and ready.get("stale"):
         state += ", stale"
-    print(
-        f"config version {listing.get('version')} "
-        f"(this instance serves version {ready.get('version')} from {ready.get('source')}: {state})"
-    )
+    if listing.get("source") == "instance":
+        print(
+            f"store unreachable ({listing.get('store_error')}): showing what this instance "
+            f"serves, version {listing.get('version')} (stale)"
+        )
+    else:
+        print(
+            f"config version {listing.get('version')} "
+            f"(this instance serves version {ready.get('version')} from {ready.get('source')}: {state})"
+        )
     releases = listing.get("releases", [])
     if not releases:
         print("no releases")
@@ -280,6 +392,9 @@ def cmd_explain(client: AdminClient, args: argparse.Namespace) -> int:
     if args.email:
         params["email"] = args.email
     data = client.get(f"/api/v1/releases/{_quote(args.release)}/explain", params=params)
+    if _wants_json(args):
+        _json_out(data)
+        return EXIT_OK
     print(f"{data.get('unit_id')} -> {data.get('arm')} ({data.get('reason')})")
     print(f"  {data.get('explanation')}")
     print(
@@ -293,6 +408,9 @@ def cmd_explain(client: AdminClient, args: argparse.Namespace) -> int:
 
 def cmd_versions(client: AdminClient, args: argparse.Namespace) -> int:
     data = client.get("/api/v1/versions", params={"limit": str(args.limit)})
+    if _wants_json(args):
+        _json_out(data)
+        return EXIT_OK
     current = data.get("current")
     rows = [["", "VERSION", "TIME", "ACTOR", "SUMMARY"]]
     for info in data.get("versions", []):
@@ -316,28 +434,109 @@ def cmd_versions(client: AdminClient, args: argparse.Namespace) -> int:
 
 def cmd_restore(client: AdminClient, args: argparse.Namespace) -> int:
     body = {"reason": args.reason} if args.reason else {}
-    _written(client.write("POST", f"/api/v1/versions/{args.version}/restore", body, args.if_match))
+    _written(
+        client.write("POST", f"/api/v1/versions/{args.version}/restore", body, args.if_match),
+        args,
+    )
     return EXIT_OK
 
 
-def read_document_file(path: str) -> Any:
-    """A YAML or JSON file (JSON is YAML) holding one mapping."""
+def read_document_file(path: str) -> dict[str, Any]:
+    """A YAML or JSON file (JSON is YAML) holding one mapping, through Turnout's one YAML
+    loader: YAML 1.2 (`off` is the stage off), duplicate keys refused with their line."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read {path}: {exc}") from None
+        return read_mapping_file(path, "the configuration document")
+    except YamlError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Validate a document file locally (no server): YAML, schema and cross-references."""
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{path} is not valid YAML or JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path} must hold a mapping (the configuration document)")
-    return data
+        raw = read_mapping_file(args.file, "the configuration document")
+        document = load_document(raw)
+    except YamlError as exc:
+        return _invalid(args, str(exc))
+    except ConfigError as exc:
+        return _invalid(args, f"{args.file}: {exc.field}: {exc.message}", exc.field)
+    routed = {route.release for route in document.routes}
+    if _wants_json(args):
+        _json_out(
+            {
+                "valid": True,
+                "file": args.file,
+                "releases": sorted(document.releases),
+                "routes": len(document.routes),
+            }
+        )
+    else:
+        print(
+            f"{args.file}: valid ({len(document.releases)} releases, {len(document.routes)} routes)"
+        )
+        unrouted = sorted(set(document.releases) - routed)
+        if not document.routes:
+            print("  note: no routes: every request would get 404")
+        elif unrouted:
+            print(f"  note: no route points at {', '.join(unrouted)}")
+    return EXIT_OK
+
+
+def _invalid(args: argparse.Namespace, message: str, field: str | None = None) -> int:
+    if _wants_json(args):
+        _json_out({"valid": False, "file": args.file, "error": message, "field": field})
+    else:
+        _error(f"invalid: {message}")
+    return EXIT_REFUSED
 
 
 def cmd_apply(client: AdminClient, args: argparse.Namespace) -> int:
     document = read_document_file(args.file)
-    _written(client.write("PUT", "/api/v1/config", document, args.if_match))
+    params = []
+    if args.dry_run:
+        params.append("dry_run=true")
+    if args.allow_empty:
+        params.append("allow_empty=true")
+    path = "/api/v1/config" + (f"?{'&'.join(params)}" if params else "")
+    _written(client.write("PUT", path, document, args.if_match), args)
+    return EXIT_OK
+
+
+def _document_of(client: AdminClient, version: int | None) -> Document:
+    path = "/api/v1/config" if version is None else f"/api/v1/versions/{version}"
+    data = client.get(path)
+    try:
+        return load_document(data.get("document") or {})
+    except ConfigError as exc:
+        raise ApiRefused(200, f"the server sent an unreadable document: {exc}") from None
+
+
+def cmd_diff(client: AdminClient, args: argparse.Namespace) -> int:
+    """`diff` (previous -> current), `diff N` (N -> current), `diff N M` (N -> M)."""
+    new_version: int | None = args.new
+    if args.old is None:
+        current = _document_of(client, None)
+        if current.version <= 1:
+            print(f"nothing to compare: the configuration is at version {current.version}")
+            return EXIT_OK
+        old, new = _document_of(client, current.version - 1), current
+    else:
+        old = _document_of(client, args.old)
+        new = _document_of(client, new_version)
+    changes = diff_documents(old, new)
+    if _wants_json(args):
+        _json_out(
+            {
+                "from": old.version,
+                "to": new.version,
+                "changes": [change.to_dict() for change in changes],
+            }
+        )
+        return EXIT_OK
+    print(f"version {old.version} -> {new.version}:")
+    if not changes:
+        print("  no change")
+    for change in changes:
+        print(f"  {change.text}")
     return EXIT_OK
 
 
@@ -349,24 +548,27 @@ def cmd_get(client: AdminClient, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
+    from stores.settings import Settings
 
-    from flags.errors import ConfigError
-    from stores.settings import Settings, load_settings
-
-    if args.config is not None and not Path(args.config).is_file():
-        raise UsageError(f"no such settings file: {args.config}")
+    overrides: dict[str, Any] = {}
+    if args.edge_port is not None:
+        overrides["edge_port"] = args.edge_port
+    if args.admin_port is not None:
+        overrides["admin_port"] = args.admin_port
+    config = args.config or CliSettings().config
     try:
-        settings = load_settings(args.config)
-    except ValidationError as exc:
-        raise UsageError(f"invalid settings: {exc}") from None
+        settings = load_settings(config, **overrides)
+    except ConfigError as exc:
+        raise UsageError(f"{exc.field}: {exc.message}") from None
     # Imported by name at run time: the CLI's other commands (and its type check) must not
     # depend on the data plane's modules.
     run: Callable[[Settings], None] = importlib.import_module("turnout.server").run
     try:
         run(settings)
     except ConfigError as exc:
-        raise UsageError(f"invalid configuration: {exc}") from None
+        raise UsageError(f"{exc.field}: {exc.message}" if exc.field else exc.message) from None
+    except ValidationError as exc:  # a setting checked only when used (defensive)
+        raise UsageError(f"invalid setting: {exc.errors(include_url=False)[0]['loc']}") from None
     return EXIT_OK
 
 
@@ -384,6 +586,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- parser -----------------------------------------------------------------------------------
 
 ClientCommand = Callable[[AdminClient, argparse.Namespace], int]
+LOCAL_HINT = (
+    "the configuration store is unreachable: add --local to apply this on the instance now "
+    "(it becomes a new version when the store returns)"
+)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("turnout")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree
+        return "unknown"
 
 
 def _client_options(parser: argparse.ArgumentParser) -> None:
@@ -394,22 +607,43 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
         "--admin",
         metavar="URL",
         default=argparse.SUPPRESS,
-        help=f"admin API URL (TURNOUT_ADMIN_URL, default {DEFAULT_ADMIN_URL})",
+        help="admin API URL (default: TURNOUT_ADMIN_URL, else admin_host:admin_port of the "
+        f"settings, else {DEFAULT_ADMIN_URL})",
     )
     group.add_argument(
         "--token",
         default=argparse.SUPPRESS,
-        help="admin token (TURNOUT_ADMIN_TOKEN, else <state_dir>/admin-token)",
+        help="admin token (default: TURNOUT_ADMIN_TOKEN, else admin_token of the settings "
+        "file, else <state_dir>/admin-token)",
     )
     group.add_argument(
-        "--actor", default=argparse.SUPPRESS, help="name recorded in the audit log (TURNOUT_ACTOR)"
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="the instance's settings file, to find its admin URL and token from any "
+        "directory (default: TURNOUT_CONFIG)",
+    )
+    group.add_argument(
+        "--actor",
+        default=argparse.SUPPRESS,
+        help="your name in the audit log and the version history (default: TURNOUT_ACTOR)",
     )
     group.add_argument(
         "--timeout",
         type=float,
         metavar="S",
         default=argparse.SUPPRESS,
-        help=f"seconds per request (default {DEFAULT_TIMEOUT_S:g})",
+        help=f"seconds to wait for each answer (default {DEFAULT_TIMEOUT_S:g})",
+    )
+
+
+def _output_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--output",
+        "-o",
+        choices=[OUTPUT_TEXT, OUTPUT_JSON],
+        default=OUTPUT_TEXT,
+        help="text for people (default) or json for scripts",
     )
 
 
@@ -419,92 +653,303 @@ def _version_number(text: str) -> int:
     return int(text)
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, got {text!r}")
+    return int(text)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {text!r}")
+    return int(text)
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
-        prog="turnout", description="Feature-flag and canary-routing edge proxy."
+        prog="turnout",
+        description="Feature-flag and canary-routing edge proxy.",
+        formatter_class=formatter,
+        epilog=_examples(
+            "turnout demo                          # try it: two backends, edge :8080, admin :8081",
+            "turnout serve --config settings.yaml  # run an instance",
+            "turnout status                        # releases, stages, config version",
+            "turnout stage web beta                # move a release",
+            "turnout COMMAND --help                # every command's options and examples",
+        ),
     )
+    parser.add_argument("--version", action="version", version=f"turnout {_version()}")
     _client_options(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the edge and admin listeners")
-    serve.add_argument("--config", metavar="FILE", help="YAML settings file")
+    serve = commands.add_parser(
+        "serve",
+        help="run the edge and admin listeners",
+        description="Run one Turnout instance: the edge (proxy) and the admin API.",
+        formatter_class=formatter,
+        epilog=_examples(
+            "turnout serve --config settings.yaml",
+            "TURNOUT_STATE_DIR=/var/lib/turnout turnout serve --edge-port 80",
+        ),
+    )
+    serve.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML settings file (default: TURNOUT_CONFIG; every setting also as TURNOUT_<NAME>)",
+    )
+    serve.add_argument(
+        "--edge-port", type=_port, metavar="PORT", help="the proxy's port (setting edge_port)"
+    )
+    serve.add_argument(
+        "--admin-port",
+        type=_port,
+        metavar="PORT",
+        help="the admin API's port (setting admin_port)",
+    )
     serve.set_defaults(run=cmd_serve)
 
-    demo = commands.add_parser("demo", help="run a self-contained demo with two backends")
+    demo = commands.add_parser(
+        "demo",
+        help="run a self-contained demo with two backends",
+        description="A whole Turnout with two demo backends and release 'web' at stage beta. "
+        "Its store is temporary; the admin token is kept in ./turnout-data/admin-token.",
+        formatter_class=formatter,
+        epilog=_examples(
+            "turnout demo",
+            "turnout demo --traffic                       # with synthetic users",
+            "turnout demo --edge-port 9080 --admin-port 9081   # when 8080/8081 are taken",
+        ),
+    )
     demo.add_argument(
         "--traffic", action="store_true", help="drive synthetic users through the edge"
     )
-    demo.add_argument("--edge-port", type=int, default=8080)
-    demo.add_argument("--admin-port", type=int, default=8081)
+    demo.add_argument(
+        "--edge-port", type=_port, default=8080, metavar="PORT", help="the edge's port (8080)"
+    )
+    demo.add_argument(
+        "--admin-port",
+        type=_port,
+        default=8081,
+        metavar="PORT",
+        help="the admin API's port (8081)",
+    )
     demo.set_defaults(run=cmd_demo)
 
+    validate = commands.add_parser(
+        "validate",
+        help="check a configuration document file (no server needed)",
+        description="Check a YAML or JSON configuration document as the server would: YAML "
+        "1.2, duplicate keys, fields, stages, cohorts and routes. Exit 0 valid, 1 invalid.",
+        formatter_class=formatter,
+        epilog=_examples("turnout validate routing.yaml", "turnout validate routing.yaml -o json"),
+    )
+    validate.add_argument("file", metavar="FILE", help="the document (YAML or JSON)")
+    _output_option(validate)
+    validate.set_defaults(run=cmd_validate)
+
     def client_command(
-        name: str, help_text: str, func: ClientCommand, *, writes: bool = False
+        name: str,
+        help_text: str,
+        func: ClientCommand,
+        examples: tuple[str, ...],
+        *,
+        writes: bool = False,
+        reads: bool = False,
+        description: str | None = None,
     ) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text)
+        sub = commands.add_parser(
+            name,
+            help=help_text,
+            description=description or help_text[0].upper() + help_text[1:] + ".",
+            formatter_class=formatter,
+            epilog=_examples(*examples),
+        )
         _client_options(sub)
         if writes:
             sub.add_argument(
                 "--if-match",
                 type=_version_number,
                 metavar="N",
-                help="only if the config is still at version N",
+                help="only if the config is still at version N (else refused with 412)",
             )
+        if reads or writes:
+            _output_option(sub)
         sub.set_defaults(client_run=func)
         return sub
 
-    stage = client_command(
-        "stage", "move a release to a stage or a percentage", cmd_stage, writes=True
-    )
-    stage.add_argument("release")
-    stage.add_argument(
-        "value",
-        metavar="STAGE|PERCENT",
-        help="off, internal, beta, open, ga, ... or a number such as 12.5",
-    )
-
-    rollback = client_command("rollback", "send everyone to stable now", cmd_rollback, writes=True)
-    rollback.add_argument("release")
-    rollback.add_argument("--reason", required=True)
+    release_help = "the release's name (as in the document's releases)"
     local_help = (
         "if the store is unreachable, apply on this instance now and commit when it returns"
     )
-    rollback.add_argument("--local", action="store_true", help=local_help)
+    stage = client_command(
+        "stage",
+        "move a release to a stage or a percentage",
+        cmd_stage,
+        ("turnout stage web beta", "turnout stage web 12.5", "turnout stage web off --local"),
+        writes=True,
+    )
+    stage.add_argument("release", metavar="RELEASE", help=release_help)
+    stage.add_argument(
+        "value",
+        metavar="STAGE|PERCENT",
+        help="a stage name (off, internal, beta, open, ga, or the document's own) or a "
+        "percentage from 0 to 100 in 0.001 steps, such as 12.5",
+    )
     stage.add_argument("--local", action="store_true", help=local_help)
 
-    store = client_command("store", "store maintenance", cmd_store_reseed)
-    store.add_argument(
-        "action",
-        choices=["reseed"],
-        help="reseed: write this instance's last-known-good configuration back to the store",
+    rollback = client_command(
+        "rollback",
+        "send everyone (internal users too) to stable on the next request",
+        cmd_rollback,
+        ('turnout rollback web --reason "5xx at 4 %"', "turnout rollback web --reason x --local"),
+        writes=True,
+    )
+    rollback.add_argument("release", metavar="RELEASE", help=release_help)
+    rollback.add_argument(
+        "--reason",
+        required=True,
+        help="why (kept in the document and shown by explain and status)",
+    )
+    rollback.add_argument("--local", action="store_true", help=local_help)
+
+    store = commands.add_parser(
+        "store",
+        help="store maintenance",
+        description="Store maintenance.",
+        formatter_class=formatter,
+        epilog=_examples("turnout store reseed"),
+    )
+    store_commands = store.add_subparsers(dest="store_command", metavar="ACTION")
+    reseed = store_commands.add_parser(
+        "reseed",
+        help="write this instance's last-known-good configuration back to the store",
+        description="Write the configuration this instance serves back to the store, at the "
+        "same version (after Redis lost data or a pointer went backwards).",
+        formatter_class=formatter,
+        epilog=_examples(
+            "turnout store reseed", "turnout --admin http://10.0.0.7:8081 store reseed"
+        ),
+    )
+    _client_options(reseed)
+    _output_option(reseed)
+    reseed.set_defaults(client_run=cmd_store_reseed)
+    store.set_defaults(run=lambda args: _subcommand_missing(store))
+
+    client_command(
+        "status",
+        "releases, stages and this instance's readiness",
+        cmd_status,
+        ("turnout status", "turnout status -o json | jq .config.version"),
+        reads=True,
     )
 
-    client_command("status", "releases, stages and readiness", cmd_status)
+    explain = client_command(
+        "explain",
+        "why a unit gets the arm it gets",
+        cmd_explain,
+        ("turnout explain web user-42", "turnout explain web bob --email bob@example.com"),
+        reads=True,
+    )
+    explain.add_argument("release", metavar="RELEASE", help=release_help)
+    explain.add_argument(
+        "unit_id", metavar="UNIT_ID", help="the unit (user) id, as sent in X-User-Id"
+    )
+    explain.add_argument(
+        "--email", help="the unit's e-mail address, for the internal e-mail domains"
+    )
 
-    explain = client_command("explain", "why a unit gets the arm it gets", cmd_explain)
-    explain.add_argument("release")
-    explain.add_argument("unit_id")
-    explain.add_argument("--email")
-
-    versions = client_command("versions", "the configuration history", cmd_versions)
-    versions.add_argument("--limit", type=_version_number, default=20)
+    versions = client_command(
+        "versions",
+        "the configuration history, newest first",
+        cmd_versions,
+        ("turnout versions", "turnout versions --limit 5"),
+        reads=True,
+    )
+    versions.add_argument(
+        "--limit", type=_positive, default=20, metavar="N", help="how many versions (20)"
+    )
 
     restore = client_command(
-        "restore", "write a new version with version N's content", cmd_restore, writes=True
+        "restore",
+        "write a new version with version N's content",
+        cmd_restore,
+        ("turnout restore 3", 'turnout restore 3 --reason "undo the 12:05 change"'),
+        writes=True,
     )
-    restore.add_argument("version", type=_version_number, metavar="N")
-    restore.add_argument("--reason")
+    restore.add_argument(
+        "version", type=_version_number, metavar="N", help="the version to bring back"
+    )
+    restore.add_argument("--reason", help="why (added to the version's summary)")
 
     apply = client_command(
-        "apply", "replace the configuration with a YAML or JSON file", cmd_apply, writes=True
+        "apply",
+        "replace the configuration with a YAML or JSON file",
+        cmd_apply,
+        (
+            "turnout apply routing.yaml --dry-run   # what would change, nothing written",
+            "turnout apply routing.yaml",
+            "turnout apply empty.yaml --allow-empty",
+        ),
+        writes=True,
+        description="Replace the whole configuration document. Prints what changes per "
+        "release, route and stage. An identical document writes no version; one that would "
+        "drop every route, or every release that has traffic, is refused unless --allow-empty.",
     )
-    apply.add_argument("file", metavar="FILE")
+    apply.add_argument("file", metavar="FILE", help="the document (YAML or JSON)")
+    apply.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate and show what would change, write nothing",
+    )
+    apply.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="allow a document that drops every route or every release with traffic",
+    )
 
-    get = client_command("get", "print the current configuration document as JSON", cmd_get)
+    diff = client_command(
+        "diff",
+        "what changed between two versions",
+        cmd_diff,
+        (
+            "turnout diff            # the previous version -> the current one",
+            "turnout diff 3",
+            "turnout diff 3 5",
+        ),
+        reads=True,
+        description="What changed per stage, release and route between two versions, and for "
+        "a stage change the share of units that change arm (exact for a percentage change "
+        "with the same salt: |new - old|, by the bucketing contract).",
+    )
+    diff.add_argument("old", type=_version_number, metavar="N", nargs="?", help="from this version")
+    diff.add_argument(
+        "new",
+        type=_version_number,
+        metavar="M",
+        nargs="?",
+        help="to this version (default: the current one)",
+    )
+
+    get = client_command(
+        "get",
+        "print the current configuration document as JSON",
+        cmd_get,
+        ("turnout get > routing.json", "turnout get --version 3"),
+    )
     get.add_argument(
         "--version", type=_version_number, metavar="N", help="an older version instead"
     )
     return parser
+
+
+def _subcommand_missing(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return EXIT_USAGE
 
 
 def _error(message: str) -> None:
@@ -523,9 +968,14 @@ def run_client_command(func: ClientCommand, args: argparse.Namespace) -> int:
         where = f" (field: {exc.field})" if exc.field else ""
         _error(f"refused (HTTP {exc.status}): {exc.message}{where}")
         if exc.status == 401:
+            target: Target | None = getattr(args, "target", None)
+            tried = target.token_source if target is not None else "none found"
             _error(
-                "set TURNOUT_ADMIN_TOKEN, pass --token, or run where <state_dir>/admin-token is readable"
+                f"token used: {tried}. Pass --token, set TURNOUT_ADMIN_TOKEN, or point "
+                "--config (TURNOUT_CONFIG) at the instance's settings file"
             )
+        elif exc.status == 503 and func in (cmd_stage, cmd_rollback) and not args.local:
+            _error(LOCAL_HINT)
         return EXIT_REFUSED
     except AdminUnreachable as exc:
         _error(str(exc))
@@ -555,6 +1005,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         _error(str(exc))
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

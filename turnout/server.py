@@ -11,11 +11,9 @@ import contextlib
 import logging
 import signal
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import uvicorn
-import yaml
 from prometheus_client import CollectorRegistry
 
 from edge.app import Edge
@@ -26,6 +24,8 @@ from flags.errors import ConfigError
 from flags.store import Store
 from stores.settings import Settings
 from stores.watch import ConfigWatcher
+from stores.yamlfile import YamlError, read_mapping_file
+from turnout.startup import check_listeners, configure_logging
 
 log = logging.getLogger("turnout.server")
 
@@ -57,13 +57,10 @@ def read_seed(settings: Settings) -> dict[str, Any] | None:
         return settings.seed
     if settings.seed_file is None:
         return None
-    try:
-        raw = yaml.safe_load(Path(settings.seed_file).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError("seed_file", f"cannot read {settings.seed_file}: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError("seed_file", "must hold a mapping (the configuration document)")
-    return raw
+    try:  # YAML 1.2, duplicate keys refused with their line (stores/yamlfile.py)
+        return read_mapping_file(settings.seed_file, "the configuration document")
+    except YamlError as exc:
+        raise ConfigError("seed_file", str(exc)) from None
 
 
 async def seed_store(store: Store, settings: Settings) -> None:
@@ -225,8 +222,7 @@ def install_event_loop_policy() -> None:
 
 
 def run(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings)
+    check_listeners(settings, ("--edge-port", "--admin-port"))  # busy port: one line, no traceback
     install_event_loop_policy()
     asyncio.run(serve(settings))

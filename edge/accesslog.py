@@ -1,0 +1,246 @@
+"""The edge's access log: one line per finished exchange, as nginx, Envoy and HAProxy write.
+
+Rules of this file (issue #13):
+* The request path only appends one tuple to a list (`record`): no formatting, no hashing,
+  no I/O, no allocation beyond the tuple. A timer every `flush_interval_s` (100 ms) formats
+  the batch and writes it in one call; a batch that reaches `max_batch` lines is flushed at
+  the next turn of the event loop (`call_soon`), never inside the request.
+* Lines are JSON objects (`log_format: json`, the default for machines) or a human line in
+  the spirit of nginx's combined format. Fields: time (RFC 3339 UTC, ms), method, host,
+  path (never the query: it may carry tokens, RFC 6750 §5.3), status, bytes (response body
+  bytes sent), duration_ms, release, arm, upstream, unit.
+* The unit id is a secret-ish identifier (a user id): by default it is written as a keyed
+  digest (BLAKE2b, 8 bytes, keyed from the cookie secret so a fleet agrees and nobody can
+  reverse it by hashing guesses without the key), or omitted (`access_log_unit_id: omit`).
+* Every string that came from a client is escaped for the human format (control characters
+  cannot forge a line); JSON escapes them by construction.
+* A failing sink (disk full, closed pipe) drops the batch and counts it; it never raises
+  into the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+import orjson
+
+if TYPE_CHECKING:
+    from edge.targets import Target
+    from edge.upstream import UpstreamPool
+
+DEFAULT_FLUSH_INTERVAL_S = 0.1
+DEFAULT_MAX_BATCH = 4096
+UNIT_DIGEST_BYTES = 8
+MAX_FIELD_CHARS = 2048
+UNIT_HASH = "hash"
+UNIT_OMIT = "omit"
+FORMAT_JSON = "json"
+FORMAT_HUMAN = "human"
+
+# (epoch seconds, method, Host (as received), canonical path, status, body bytes, duration s,
+#  the release's arm target, the upstream that answered, unit id): what the request path
+#  already holds, nothing built for the log.
+Entry = tuple[
+    float,
+    str,
+    "bytes | None",
+    bytes,
+    int,
+    int,
+    float,
+    "Target | None",
+    "UpstreamPool | None",
+    "str | None",
+]
+
+
+def _stamp(epoch_s: float) -> str:
+    ms = int((epoch_s % 1) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch_s)) + f".{ms:03d}Z"
+
+
+def _printable(text: str) -> str:
+    text = text[:MAX_FIELD_CHARS]
+    if text.isprintable() and " " not in text:
+        return text
+    return "".join(
+        c if c.isprintable() and c != " " else f"\\x{ord(c):02x}" if ord(c) <= 0xFF else "?"
+        for c in text
+    )
+
+
+class AccessLog:
+    """Collects finished exchanges on the request path; formats and writes them in batches."""
+
+    def __init__(
+        self,
+        sink: BinaryIO,
+        *,
+        fmt: str = FORMAT_JSON,
+        unit_id: str = UNIT_HASH,
+        unit_key: bytes = b"",
+        flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if fmt not in (FORMAT_JSON, FORMAT_HUMAN):
+            raise ValueError(f"access log format must be json or human, got {fmt!r}")
+        if unit_id not in (UNIT_HASH, UNIT_OMIT):
+            raise ValueError(f"access_log_unit_id must be hash or omit, got {unit_id!r}")
+        self.sink = sink
+        self.human = fmt == FORMAT_HUMAN
+        self.hash_units = unit_id == UNIT_HASH
+        # A key of its own, derived from the given secret (never the secret itself).
+        self._key = hashlib.blake2b(unit_key, digest_size=32, person=b"turnout-access").digest()
+        self.flush_interval_s = flush_interval_s
+        self.max_batch = max_batch
+        self.clock = clock
+        self.pending: list[Entry] = []
+        self.dropped_lines = 0
+        self.written_lines = 0
+        self._timer: asyncio.Task[None] | None = None
+        self._flush_scheduled = False
+        self._owns_sink = False
+
+    @classmethod
+    def open(cls, destination: str, *, fmt: str, unit_id: str, unit_key: bytes) -> AccessLog | None:
+        """The access log the `access_log` setting names: "stdout", "stderr", a file path
+        (appended to), or "off" (None)."""
+        if destination == "off":
+            return None
+        if destination == "stdout":
+            sink: BinaryIO = sys.stdout.buffer
+        elif destination == "stderr":
+            sink = sys.stderr.buffer
+        else:
+            sink = Path(destination).open("ab")
+        log = cls(sink, fmt=fmt, unit_id=unit_id, unit_key=unit_key)
+        log._owns_sink = destination not in ("stdout", "stderr")
+        return log
+
+    # -- the request path ----------------------------------------------------------------------
+
+    def record(
+        self,
+        method: str,
+        host: bytes | None,
+        path: bytes,
+        status: int,
+        body_bytes: int,
+        duration_s: float,
+        target: Target | None,
+        upstream: UpstreamPool | None,
+        unit: str | None,
+    ) -> None:
+        """One finished exchange: a tuple appended, nothing else (flushes are scheduled)."""
+        pending = self.pending
+        pending.append(
+            (
+                self.clock(),
+                method,
+                host,
+                path,
+                status,
+                body_bytes,
+                duration_s,
+                target,
+                upstream,
+                unit,
+            )
+        )
+        if len(pending) >= self.max_batch and not self._flush_scheduled:
+            self._flush_scheduled = True
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop (a synchronous caller): flush right away
+                self.flush()
+
+    # -- off the request path ------------------------------------------------------------------
+
+    def unit_digest(self, unit: str) -> str:
+        return hashlib.blake2b(
+            unit.encode("utf-8", "surrogatepass"), digest_size=UNIT_DIGEST_BYTES, key=self._key
+        ).hexdigest()
+
+    def format(self, entry: Entry) -> bytes:
+        """One line (with its newline) for one exchange."""
+        stamp, method, raw_host, raw_path, status, size, duration, target, peer, unit = entry
+        host = raw_host.decode("latin-1") if raw_host is not None else ""
+        path = raw_path.decode("utf-8", "replace")
+        release = target.release if target is not None else ""
+        arm = target.arm if target is not None else ""
+        upstream = f"{peer.host}:{peer.port}" if peer is not None else ""
+        if unit is not None:
+            unit = self.unit_digest(unit) if self.hash_units else None
+        duration_ms = round(duration * 1000, 3)
+        if self.human:
+            return (
+                f"{_stamp(stamp)} {_printable(method)} {_printable(host) or '-'}"
+                f"{_printable(path)} {status} {size} {duration_ms}ms "
+                f"{release or '-'}/{arm or '-'} {upstream or '-'} unit={unit or '-'}\n"
+            ).encode("utf-8", "replace")
+        record = {
+            "time": _stamp(stamp),
+            "method": method,
+            "host": host,
+            "path": path[:MAX_FIELD_CHARS],
+            "status": status,
+            "bytes": size,
+            "duration_ms": duration_ms,
+            "release": release or None,
+            "arm": arm or None,
+            "upstream": upstream or None,
+        }
+        if unit is not None:
+            record["unit"] = unit
+        return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+
+    def flush(self) -> int:
+        """Format and write everything pending in one write; the number of lines written."""
+        self._flush_scheduled = False
+        batch, self.pending = self.pending, []
+        if not batch:
+            return 0
+        data = b"".join([self.format(entry) for entry in batch])
+        try:
+            self.sink.write(data)
+            self.sink.flush()
+        except (OSError, ValueError):  # a full disk or a closed pipe: drop, never raise
+            self.dropped_lines += len(batch)
+            return 0
+        self.written_lines += len(batch)
+        return len(batch)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval_s)
+            self.flush()
+
+    def start(self) -> None:
+        """Start the flush timer on the running loop."""
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().create_task(
+                self._run(), name="turnout-access-log"
+            )
+
+    async def aclose(self) -> None:
+        """Stop the timer and write what is left."""
+        if self._timer is not None:
+            self._timer.cancel()
+            try:
+                await self._timer
+            except asyncio.CancelledError:
+                pass
+            self._timer = None
+        self.flush()
+        if self._owns_sink:
+            try:
+                self.sink.close()
+            except OSError:
+                pass

@@ -1,0 +1,123 @@
+"""What `turnout serve` and `turnout demo` check before they start, and how they log.
+
+Rules of this file (issue #13):
+* Every start-up failure a wrong setting or argument can cause is one line naming the
+  setting, the flag or variable that sets it, and the value: never a traceback, never a bare
+  errno. The listeners are checked by binding them once before anything starts (a busy port
+  is the most common first-day failure).
+* Logs are "human" lines or one JSON object per line (`log_format`); audit records keep
+  their fields in JSON mode rather than nesting a JSON string in a JSON string.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import sys
+import time
+from typing import Any
+
+import orjson
+
+from stores.settings import Settings, SettingsError
+
+HUMAN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _listen_error(setting: str, flag: str, host: str, port: int, exc: OSError) -> SettingsError:
+    env = f"TURNOUT_{setting.upper()}"
+    if exc.errno == errno.EADDRINUSE:
+        return SettingsError(
+            setting,
+            f"port {port} on {host} is already in use: choose another with {flag}, "
+            f"{env}, or {setting} in the settings file",
+        )
+    if exc.errno == errno.EACCES:
+        return SettingsError(
+            setting,
+            f"not allowed to listen on port {port} (ports below 1024 need privileges): "
+            f"choose another with {flag} or {env}",
+        )
+    host_setting = setting.replace("_port", "_host")
+    return SettingsError(
+        host_setting,
+        f"cannot listen on {host}:{port}: {exc.strerror or exc}; check {host_setting} "
+        f"(TURNOUT_{host_setting.upper()})",
+    )
+
+
+def check_listeners(
+    settings: Settings, flags: tuple[str, str] = ("TURNOUT_EDGE_PORT", "TURNOUT_ADMIN_PORT")
+) -> None:
+    """Bind each listener's address once (and release it) so a busy or forbidden port is a
+    `SettingsError` naming the setting before anything starts. `flags` names the command-line
+    options that set the two ports, for the message (the demo has its own)."""
+    listeners = (
+        ("edge_port", flags[0], settings.edge_host, settings.edge_port),
+        ("admin_port", flags[1], settings.admin_host, settings.admin_port),
+    )
+    if (settings.edge_host, settings.edge_port) == (settings.admin_host, settings.admin_port):
+        if settings.edge_port != 0:
+            raise SettingsError(
+                "admin_port",
+                f"the edge and the admin API cannot both listen on port {settings.edge_port}",
+            )
+    for setting, flag, host, port in listeners:
+        if port == 0:
+            continue  # the kernel picks a free port
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except socket.gaierror as exc:
+            host_setting = setting.replace("_port", "_host")
+            raise SettingsError(
+                host_setting, f"cannot resolve {host!r}: {exc.strerror or exc}"
+            ) from None
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            # The same option the servers set: a port in TIME_WAIT is not "in use".
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise _listen_error(setting, flag, host, port, exc) from None
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (RFC 3339, UTC), level, logger, message, and the
+    audit record's own fields when the line is an audit line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        audit = getattr(record, "audit", None)
+        if isinstance(audit, dict):
+            data["message"] = "audit"
+            data["audit"] = audit
+        else:
+            data["message"] = record.getMessage()
+        if record.exc_info:
+            data["error"] = self.formatException(record.exc_info)
+        return orjson.dumps(data, default=str).decode()
+
+
+def configure_logging(settings: Settings) -> None:
+    """Root logging for a Turnout process: level and format from the settings, to stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(HUMAN_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(settings.log_level.upper())
+    # uvicorn's own loggers propagate to the root: one format for every line.
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
