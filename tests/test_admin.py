@@ -653,3 +653,109 @@ def test_store_reseed_needs_the_token_and_restores_the_emptied_store(
     assert admin.version() == 1
     again = admin.client.post("/api/v1/store/reseed", headers=AUTH)
     assert again.json()["reseeded"] is False
+
+
+# -- issue #13: reads off loopback, dry runs, no-change writes, emptying documents -----------
+
+
+def _admin_on(tmp_path: Path, runner: asyncio.Runner, **overrides: Any) -> Admin:
+    store = RacingStore(tmp_path / "store-extra")
+    runner.run(store.open())
+    runner.run(store.commit(load_document(SEED), expected_version=0, actor="seed", summary="s"))
+    watcher = ConfigWatcher(store)
+    runner.run(watcher.sync())
+    app = create_admin_app(_settings(tmp_path, **overrides), store, watcher, CollectorRegistry())
+    return Admin(Client(app, runner), store, watcher, runner)
+
+
+def test_reads_need_the_token_when_the_listener_is_not_loopback(
+    tmp_path: Path, runner: asyncio.Runner
+) -> None:
+    """On 0.0.0.0 every read but /healthz, /readyz and /metrics is 401 without the token
+    (it shows unit ids and backends) and 200 with it."""
+    admin = _admin_on(tmp_path, runner, admin_host="0.0.0.0")
+    for path in ("/api/v1/releases", "/api/v1/config", "/api/v1/versions"):
+        assert admin.client.get(path).status_code == 401, path
+        assert admin.client.get(path, headers=AUTH).status_code == 200, path
+    explain = "/api/v1/releases/web/explain?unit_id=alice"
+    assert admin.client.get(explain).status_code == 401
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert admin.client.get(path).status_code == 200, path
+
+
+def test_metrics_can_be_closed(tmp_path: Path, runner: asyncio.Runner) -> None:
+    """`metrics_open: false` puts /metrics behind the token even on loopback; probes stay open."""
+    admin = _admin_on(tmp_path, runner, metrics_open=False)
+    assert admin.client.get("/metrics").status_code == 401
+    assert admin.client.get("/metrics", headers=AUTH).status_code == 200
+    assert admin.client.get("/healthz").status_code == 200
+    assert admin.client.get("/api/v1/releases").status_code == 200  # loopback reads stay open
+
+
+def test_identical_replace_makes_no_version(admin: Admin) -> None:
+    """PUT of the document already in force answers "no change" and writes no version."""
+    response = admin.client.put("/api/v1/config", json=SEED, headers=AUTH)
+    assert response.status_code == 200
+    assert response.json()["changed"] is False
+    assert response.json()["summary"] == "no change"
+    assert admin.version() == 1
+
+
+def test_dry_run_describes_and_writes_nothing(admin: Admin) -> None:
+    """`?dry_run=true` validates, lists the changes with the share of units, writes nothing."""
+    document = orjson.loads(orjson.dumps(SEED))
+    document["releases"]["web"]["stage"] = "ga"
+    response = admin.client.put("/api/v1/config?dry_run=true", json=document, headers=AUTH)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["dry_run"] is True
+    assert body["changes"][0]["share"] == pytest.approx(0.9)
+    assert "90 % of its units change arm" in body["changes"][0]["text"]
+    assert admin.version() == 1
+    bad = admin.client.put("/api/v1/config?dry_run=maybe", json=document, headers=AUTH)
+    assert (bad.status_code, bad.json()["field"]) == (422, "dry_run")
+
+
+@pytest.mark.parametrize(
+    ("document", "field"),
+    [
+        ({"releases": {}, "routes": []}, "routes"),
+        (
+            {
+                "releases": {
+                    "api": {"stable": ["http://127.0.0.1:1"], "canary": ["http://127.0.0.1:2"]}
+                },
+                "routes": [{"host": "*", "path_prefix": "/", "release": "api"}],
+            },
+            "releases",
+        ),
+    ],
+    ids=["no-routes", "no-release-with-traffic"],
+)
+def test_emptying_document_is_refused_unless_allowed(
+    admin: Admin, document: dict[str, Any], field: str
+) -> None:
+    """A document that drops every route, or every release that has traffic, is 422 naming
+    the field and --allow-empty; with `?allow_empty=true` it is written."""
+    refused = admin.client.put("/api/v1/config", json=document, headers=AUTH)
+    assert refused.status_code == 422
+    assert refused.json()["field"] == field
+    assert "allow-empty" in refused.json()["error"]
+    assert admin.version() == 1
+    allowed = admin.client.put("/api/v1/config?allow_empty=true", json=document, headers=AUTH)
+    assert allowed.status_code == 200
+    assert admin.version() == 2
+
+
+def test_release_list_falls_back_to_the_served_snapshot(admin: Admin) -> None:
+    """With the store unreadable, GET /api/v1/releases answers from this instance's snapshot,
+    marked stale, instead of 503 (so `turnout status` works during an outage)."""
+    marker = Path(admin.store.root) / "CURRENT"
+    marker.unlink()
+    marker.mkdir()
+    response = admin.client.get("/api/v1/releases")
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["source"], body["stale"], body["version"]) == ("instance", True, 1)
+    assert body["releases"][0]["name"] == "web"
+    assert admin.client.get("/api/v1/config").status_code == 503  # the store's own view

@@ -26,7 +26,8 @@ from pydantic import SecretStr
 from websockets.asyncio.server import Server, ServerConnection, serve
 
 from admin.auth import resolve_admin_token, token_file
-from stores.settings import Settings
+from stores.settings import Settings, SettingsError
+from turnout.startup import check_listeners, configure_logging
 
 DEMO_RELEASE = "web"
 DEMO_USERS = 1000
@@ -330,6 +331,10 @@ async def _demo(
     serve_instance: Callable[..., Coroutine[Any, Any, None]] = importlib.import_module(
         "turnout.server"
     ).serve
+    # A busy port is one line naming the flag, before anything starts (issue #13).
+    check_listeners(
+        Settings(edge_port=edge_port, admin_port=admin_port), ("--edge-port", "--admin-port")
+    )
     workdir = Path(tempfile.mkdtemp(prefix="turnout-demo-"))
     stable, canary = DemoBackend("stable"), DemoBackend("canary")
     tasks: list[asyncio.Task[None]] = []
@@ -350,7 +355,12 @@ async def _demo(
             seed=demo_document(stable.url, canary.url),
             expose_decision_headers=True,
             poll_interval_s=1.0,
+            # One human line per request, unless synthetic traffic would drown the terminal.
+            access_log="off" if traffic else "stdout",
+            access_log_format="human",
         )
+        # Audit lines and "config version N applied" go to stderr with a timestamp.
+        configure_logging(settings)
         started = asyncio.Event()
         server = asyncio.create_task(serve_instance(settings, started=started))
         tasks.append(server)
@@ -401,6 +411,9 @@ def run_demo(
         )
     except KeyboardInterrupt:
         pass
+    except SettingsError as exc:  # a busy port: one line naming the flag
+        print(f"turnout demo: {exc.field}: {exc.message}", file=sys.stderr)
+        return 2
     except SystemExit as exc:  # the server could not listen (port in use, ...)
         if exc.code not in (None, 0):
             print(exc.code, file=sys.stderr)

@@ -123,6 +123,7 @@ def admin_config(app: Any, settings: Settings) -> uvicorn.Config:
         proxy_headers=False,
         access_log=False,
         log_level=settings.log_level,
+        log_config=None,  # uvicorn's lines go through Turnout's own format (turnout/startup.py)
         timeout_graceful_shutdown=5,
     )
 

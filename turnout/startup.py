@@ -105,13 +105,43 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(data, default=str).decode()
 
 
+class HumanFormatter(logging.Formatter):
+    """`time level logger: message`; an audit record as a sentence instead of raw JSON."""
+
+    def __init__(self) -> None:
+        super().__init__(HUMAN_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        audit = getattr(record, "audit", None)
+        if isinstance(audit, dict):
+            record.msg, record.args = describe_audit(audit), None
+        return super().format(record)
+
+
+def describe_audit(audit: dict[str, Any]) -> str:
+    """One audit record as a line a person reads: who did what, the result and versions."""
+    before, after = audit.get("before_version"), audit.get("after_version")
+    versions = ""
+    if after is not None and after != before:
+        versions = f", version {before} -> {after}"
+    elif before is not None:
+        versions = f", version {before} unchanged"
+    detail = f": {audit['detail']}" if audit.get("detail") else ""
+    reason = f" (reason: {audit['reason']})" if audit.get("reason") else ""
+    return (
+        f"{audit.get('result')} {audit.get('action')} {audit.get('target')} by "
+        f"{audit.get('actor')} from {audit.get('client') or '?'} "
+        f"[HTTP {audit.get('status')}{versions}]{reason}{detail}"
+    )
+
+
 def configure_logging(settings: Settings) -> None:
     """Root logging for a Turnout process: level and format from the settings, to stderr."""
     handler = logging.StreamHandler(sys.stderr)
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter(HUMAN_FORMAT))
+        handler.setFormatter(HumanFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -121,3 +151,5 @@ def configure_logging(settings: Settings) -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
+    # The demo's WebSocket echo servers say "server closing" at INFO: noise for an operator.
+    logging.getLogger("websockets").setLevel(logging.WARNING)

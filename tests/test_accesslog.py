@@ -1,0 +1,204 @@
+"""The edge's access log (issue #13): one line per exchange, formatted and written off the
+request path in batches; JSON or human; the unit id hashed or omitted; and end to end through
+a real Turnout instance with real upstreams."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from edge.accesslog import AccessLog
+from tests.harness import TurnoutInstance, backends, release_doc, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class CountingSink(io.BytesIO):
+    """A sink that counts its writes (a batch must be one write)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data: Any) -> int:
+        self.writes += 1
+        return super().write(data)
+
+
+class FakeTarget:
+    release = "web"
+    arm = "canary"
+
+
+class FakePool:
+    host = "127.0.0.1"
+    port = 9002
+
+
+def _record(log: AccessLog, unit: str | None = "alice", path: bytes = b"/a/b") -> None:
+    log.record(
+        "GET",
+        b"example.com",
+        path,
+        200,
+        42,
+        0.0015,
+        FakeTarget(),
+        FakePool(),
+        unit,  # type: ignore[arg-type]
+    )
+
+
+def test_record_does_no_io_and_flush_writes_one_batch() -> None:
+    """`record` only queues; `flush` formats every pending line and writes them in one call."""
+    sink = CountingSink()
+    log = AccessLog(sink, clock=lambda: 0.0)
+    for _ in range(3):
+        _record(log)
+    assert sink.writes == 0
+    assert log.flush() == 3
+    assert sink.writes == 1
+    lines = sink.getvalue().decode().splitlines()
+    assert len(lines) == 3
+    entry = json.loads(lines[0])
+    assert entry == {
+        "time": "1970-01-01T00:00:00.000Z",
+        "method": "GET",
+        "host": "example.com",
+        "path": "/a/b",
+        "status": 200,
+        "bytes": 42,
+        "duration_ms": 1.5,
+        "release": "web",
+        "arm": "canary",
+        "upstream": "127.0.0.1:9002",
+        "unit": entry["unit"],
+    }
+    assert entry["unit"] != "alice" and len(entry["unit"]) == 16
+
+
+def test_unit_digest_is_keyed_and_stable() -> None:
+    """The same key gives the same digest for the same unit (a fleet agrees); another key
+    gives another (nobody can reverse it by hashing guesses without the key)."""
+    a = AccessLog(io.BytesIO(), unit_key=b"secret-1")
+    b = AccessLog(io.BytesIO(), unit_key=b"secret-1")
+    c = AccessLog(io.BytesIO(), unit_key=b"secret-2")
+    assert a.unit_digest("alice") == b.unit_digest("alice")
+    assert a.unit_digest("alice") != c.unit_digest("alice")
+    assert a.unit_digest("alice") != a.unit_digest("bob")
+
+
+def test_unit_can_be_omitted() -> None:
+    """`access_log_unit_id: omit` leaves the unit out of the line altogether."""
+    sink = io.BytesIO()
+    log = AccessLog(sink, unit_id="omit")
+    _record(log)
+    log.flush()
+    assert "unit" not in json.loads(sink.getvalue())
+
+
+def test_human_format_escapes_client_text() -> None:
+    """A human line is one line even when the path holds control characters or spaces."""
+    sink = io.BytesIO()
+    log = AccessLog(sink, fmt="human", clock=lambda: 0.0)
+    _record(log, path=b"/x\n2026 fake line")
+    log.flush()
+    text = sink.getvalue().decode()
+    assert text.count("\n") == 1
+    assert "GET example.com/x\\x0a2026\\x20fake\\x20line 200 42 1.5ms web/canary" in text
+
+
+def test_full_batch_is_flushed_on_the_next_loop_turn_not_inside_record() -> None:
+    """Reaching `max_batch` schedules a flush with call_soon; `record` itself never writes."""
+
+    async def scenario() -> tuple[int, int]:
+        sink = CountingSink()
+        log = AccessLog(sink, max_batch=2, flush_interval_s=3600)
+        _record(log)
+        _record(log)
+        during = sink.writes
+        await asyncio.sleep(0)
+        return during, sink.writes
+
+    assert asyncio.run(scenario()) == (0, 1)
+
+
+def test_timer_flushes_and_close_writes_the_rest() -> None:
+    """The timer writes pending lines; `aclose` writes what is left and stops the timer."""
+
+    async def scenario() -> tuple[int, int]:
+        sink = CountingSink()
+        log = AccessLog(sink, flush_interval_s=0.01)
+        log.start()
+        _record(log)
+        for _ in range(500):  # bounded: the timer fires within a few ticks
+            if log.written_lines:
+                break
+            await asyncio.sleep(0.01)
+        first = log.written_lines
+        _record(log)
+        await log.aclose()
+        return first, log.written_lines
+
+    assert asyncio.run(scenario()) == (1, 2)
+
+
+def test_a_failing_sink_drops_the_batch_without_raising() -> None:
+    """A closed sink (a full disk, a closed pipe) counts dropped lines; nothing raises."""
+    sink = io.BytesIO()
+    sink.close()
+    log = AccessLog(sink)
+    _record(log)
+    assert log.flush() == 0
+    assert log.dropped_lines == 1
+
+
+def test_access_log_end_to_end(tmp_path: Path) -> None:
+    """Through a real instance: one JSON line per request with release, arm, upstream,
+    status and bytes; no query string; a 404 and a 502 are logged too."""
+    log_file = tmp_path / "access.log"
+    with backends("stable", "canary") as servers:
+        seed = release_doc(servers["stable"].url, servers["canary"].url, stage="ga")
+        seed["releases"]["down"] = {
+            "stable": ["http://127.0.0.1:1"],
+            "canary": ["http://127.0.0.1:1"],
+        }
+        seed["routes"].append({"host": "*", "path_prefix": "/down", "release": "down"})
+        seed["routes"][0]["host"] = "app.test"
+        instance = TurnoutInstance(tmp_path / "state", seed=seed, access_log=str(log_file))
+        instance.start()
+        try:
+            with httpx.Client(base_url=instance.edge_url) as client:
+                ok = client.get(
+                    "/hello?token=secret", headers={"X-User-Id": "u1", "Host": "app.test"}
+                )
+                assert ok.status_code == 200
+                assert client.get("/nowhere", headers={"Host": "other.test"}).status_code == 404
+                assert client.get("/down/x", headers={"Host": "other.test"}).status_code == 502
+
+            def three_lines() -> bool:
+                return log_file.exists() and len(log_file.read_text().splitlines()) >= 3
+
+            assert wait_until(three_lines, 10)
+        finally:
+            instance.stop()
+    lines = [json.loads(line) for line in log_file.read_text().splitlines()]
+    first = lines[0]
+    assert (first["method"], first["host"], first["path"], first["status"]) == (
+        "GET",
+        "app.test",
+        "/hello",
+        200,
+    )
+    assert (first["release"], first["arm"]) == ("web", "canary")
+    assert first["upstream"] == servers["canary"].url.removeprefix("http://")
+    assert first["bytes"] == len(ok.content)
+    assert "secret" not in log_file.read_text()
+    assert (lines[1]["status"], lines[1]["release"]) == (404, None)
+    assert (lines[2]["status"], lines[2]["release"]) == (502, "down")
