@@ -42,7 +42,11 @@ def _describe(exc: YAMLError, source: str) -> str:
     if isinstance(exc, DuplicateKeyError):
         problem = str(exc.problem or "duplicate key").split(" with value")[0]
         problem = problem.removeprefix("found ")
-        first = f" (first at line {exc.context_mark.line + 1})" if exc.context_mark else ""
+        first = (
+            f" (in the mapping that starts at line {exc.context_mark.line + 1})"
+            if exc.context_mark
+            else ""
+        )
         return f"{source}: {_line(exc.problem_mark)}: {problem}{first}"
     if isinstance(exc, MarkedYAMLError):
         where = _line(exc.problem_mark or exc.context_mark)

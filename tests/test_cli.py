@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,13 +27,15 @@ from flags.document import Document, load_document
 from stores.filestore import FileStore
 from stores.settings import Settings
 from stores.watch import ConfigWatcher
-from tests.harness import release_doc
-from turnout.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE, main
+from tests.harness import TurnoutInstance, release_doc
+from tests.redisproc import redis_server
+from turnout.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE, build_parser, main
 from turnout.demo import DemoBackend, demo_document
 
 pytestmark = pytest.mark.timeout(30)
 
 TOKEN = "cli-test-token-0123456789abcdef"
+REPO = Path(__file__).resolve().parents[1]
 SERVER_START_TIMEOUT_S = 10.0
 SEED = release_doc(
     "http://127.0.0.1:9001", "http://127.0.0.1:9002", internal={"unit_ids": ["alice"]}
@@ -375,3 +381,352 @@ def test_store_reseed_repairs_a_pointer_that_went_backwards(
     assert server.document().releases["web"].stage == "open"
     assert turnout(server, "store", "reseed") == EXIT_OK
     assert "nothing to do" in capsys.readouterr().out
+
+
+# -- issue #13: safe changes, errors a person can act on, a tool people live in ---------------
+
+README_STYLE_DOCUMENT = """\
+stages: {off: 0, internal: 0, beta: 10, open: 50, ga: 100}
+releases:
+  web:
+    stable: ["http://127.0.0.1:9001"]
+    canary: ["http://127.0.0.1:9002"]
+    stage: STAGE
+    internal: {unit_ids: [alice]}
+routes:
+  - {host: "*", path_prefix: "/", release: web}
+"""
+
+
+def _yaml_file(tmp_path: Path, stage: str, name: str = "routing.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(README_STYLE_DOCUMENT.replace("STAGE", stage))
+    return path
+
+
+def test_validate_reads_yaml_1_2_and_names_problems(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`turnout validate` accepts `stage: off` (a string in YAML 1.2), refuses a duplicate key
+    with its line and an invalid field by name; no server is involved."""
+    assert main(["validate", str(_yaml_file(tmp_path, "off"))]) == EXIT_OK
+    assert "valid (1 releases, 1 routes)" in capsys.readouterr().out
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(README_STYLE_DOCUMENT.replace("STAGE", "beta") + "releases: {}\n")
+    assert main(["validate", str(twice)]) == EXIT_REFUSED
+    err = capsys.readouterr().err
+    assert (
+        'line 10, column 1: duplicate key "releases" (in the mapping that starts at line 1)' in err
+    )
+    bad = _yaml_file(tmp_path, "sideways", "bad.yaml")
+    assert main(["validate", str(bad), "-o", "json"]) == EXIT_REFUSED
+    result = json.loads(capsys.readouterr().out)
+    assert (result["valid"], result["field"]) == (False, "releases.web.stage")
+    assert main(["validate", str(tmp_path / "missing.yaml")]) == EXIT_REFUSED
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_apply_yaml_with_stage_off_and_diff(
+    server: AdminServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`apply` of a YAML file with `stage: off` sets the stage off and prints what changed;
+    `diff` shows the same change with the exact share of units."""
+    assert turnout(server, "apply", str(_yaml_file(tmp_path, "off"))) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "version 2: document replaced" in out
+    assert "10 % of its units change arm (exact" in out
+    assert server.document().releases["web"].stage == "off"
+    assert turnout(server, "diff") == EXIT_OK
+    out = capsys.readouterr().out
+    assert "version 1 -> 2:" in out
+    assert "release web: stage beta (10 %) -> off (0 %)" in out
+    assert turnout(server, "diff", "1", "2", "-o", "json") == EXIT_OK
+    data = json.loads(capsys.readouterr().out)
+    assert data["changes"][0]["share"] == pytest.approx(0.1)
+
+
+def test_apply_dry_run_and_identical_apply_write_nothing(
+    server: AdminServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--dry-run` describes the change and writes nothing; applying the document in force
+    says "no change" and writes no version."""
+    assert turnout(server, "apply", str(_yaml_file(tmp_path, "ga")), "--dry-run") == EXIT_OK
+    out = capsys.readouterr().out
+    assert "90 % of its units change arm" in out
+    assert "nothing was written" in out
+    assert server.version() == 1
+    assert turnout(server, "apply", str(_yaml_file(tmp_path, "beta"))) == EXIT_OK
+    assert "no change" in capsys.readouterr().out
+    assert server.version() == 1
+
+
+def test_apply_of_an_empty_document_needs_allow_empty(
+    server: AdminServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`releases: {}` + `routes: []` is refused (every user would get 404) unless
+    --allow-empty."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("releases: {}\nroutes: []\n")
+    assert turnout(server, "apply", str(empty)) == EXIT_REFUSED
+    assert "--allow-empty" in capsys.readouterr().err
+    assert server.version() == 1
+    assert turnout(server, "apply", str(empty), "--allow-empty") == EXIT_OK
+    assert server.version() == 2
+
+
+def test_apply_duplicate_key_is_refused_before_sending(
+    server: AdminServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two `web:` entries (the second at ga) never reach the server: exit 2 with the line."""
+    doubled = tmp_path / "doubled.yaml"
+    doubled.write_text(
+        README_STYLE_DOCUMENT.replace("STAGE", "beta").replace(
+            "routes:",
+            "  web: {stable: ['http://127.0.0.1:9001'], canary: ['http://127.0.0.1:9002'], stage: ga}\nroutes:",
+        )
+    )
+    assert turnout(server, "apply", str(doubled)) == EXIT_USAGE
+    assert 'duplicate key "web"' in capsys.readouterr().err
+    assert server.version() == 1
+
+
+@pytest.mark.parametrize("value", ["-5", "150", "-0.5", "101%"])
+def test_out_of_range_percentage_gets_the_range_message(
+    server: AdminServer, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`stage web -5` is a percentage out of range, not an unknown stage."""
+    assert turnout(server, "stage", "web", value) == EXIT_REFUSED
+    err = capsys.readouterr().err
+    assert "between 0 and 100" in err
+    assert "unknown stage" not in err
+
+
+def test_write_refused_for_a_store_outage_suggests_local(
+    server: AdminServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A stage change refused with 503 (store down) tells the operator about --local."""
+    marker = server.store_dir / "CURRENT"
+    marker.unlink()
+    marker.mkdir()
+    assert turnout(server, "stage", "web", "off") == EXIT_REFUSED
+    assert "add --local" in capsys.readouterr().err
+
+
+def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    """`turnout --version` prints the version and exits 0."""
+    assert main(["--version"]) == EXIT_OK
+    assert capsys.readouterr().out.startswith("turnout ")
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    found: dict[str, argparse.ArgumentParser] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found[name] = sub
+                for inner, subsub in _subparsers(sub).items():
+                    found[f"{name} {inner}"] = subsub
+    return found
+
+
+def test_every_argument_has_help_and_every_command_examples() -> None:
+    """Each option and positional of every command has help text, and each command's help
+    ends with an examples section."""
+    commands = _subparsers(build_parser())
+    assert {"serve", "demo", "validate", "apply", "diff", "status", "store reseed"} <= set(commands)
+    for name, sub in commands.items():
+        assert sub.epilog and sub.epilog.startswith("examples:"), name
+        for action in sub._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                continue
+            assert action.help, f"{name}: {action.dest} has no help"
+
+
+def test_nested_help_is_the_subcommands_own(capsys: pytest.CaptureFixture[str]) -> None:
+    """`turnout store reseed --help` prints reseed's help, not store's."""
+    assert main(["store", "reseed", "--help"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert out.startswith("usage: turnout store reseed")
+    assert "same version" in out
+
+
+def test_url_and_token_from_the_settings_file_in_any_directory(
+    server: AdminServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With `--config` (or TURNOUT_CONFIG) naming the instance's settings file, the CLI finds
+    the admin port and token from any working directory."""
+    port = server.url.rsplit(":", 1)[1]
+    settings = tmp_path / "etc" / "settings.yaml"
+    settings.parent.mkdir()
+    settings.write_text(f"admin_host: 127.0.0.1\nadmin_port: {port}\nadmin_token: {TOKEN}\n")
+    elsewhere = tmp_path / "somewhere" / "else"
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    assert main(["--config", str(settings), "stage", "web", "open"]) == EXIT_OK
+    monkeypatch.setenv("TURNOUT_CONFIG", str(settings))
+    assert main(["stage", "web", "ga"]) == EXIT_OK
+    assert server.document().releases["web"].stage == "ga"
+
+
+def test_token_file_next_to_the_settings_file(
+    server: AdminServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A relative state_dir in the settings file also finds the generated token file from
+    another directory (relative to the settings file)."""
+    port = server.url.rsplit(":", 1)[1]
+    home = tmp_path / "deploy"
+    (home / "state").mkdir(parents=True)
+    (home / "state" / "admin-token").write_text(TOKEN + "\n")
+    settings = home / "settings.yaml"
+    settings.write_text(f"admin_port: {port}\nstate_dir: state\n")
+    monkeypatch.delenv("TURNOUT_STATE_DIR")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--config", str(settings), "rollback", "web", "--reason", "drill"]) == EXIT_OK
+
+
+def test_read_commands_speak_json(server: AdminServer, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--output json` on status, versions and explain prints one JSON document for scripts."""
+    assert turnout(server, "status", "-o", "json") == EXIT_OK
+    status = json.loads(capsys.readouterr().out)
+    assert status["config"]["releases"][0]["name"] == "web"
+    assert status["instance"]["status"] == "ready"
+    assert turnout(server, "versions", "--output", "json") == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["current"] == 1
+    assert turnout(server, "explain", "web", "alice", "-o", "json") == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["arm"] == "canary"
+
+
+def test_explain_names_the_email_domain_rule() -> None:
+    """A unit placed by its e-mail domain is explained as such, not as the allow-list."""
+    from flags.evaluate import compile_snapshot, explain
+
+    raw = release_doc(
+        "http://127.0.0.1:1", "http://127.0.0.1:2", internal={"email_domains": ["example.com"]}
+    )
+    snapshot = compile_snapshot(load_document(raw))
+    result = explain(snapshot, "web", "bob", "bob@example.com")
+    assert result["arm"] == "canary"
+    assert "e-mail domain example.com" in str(result["explanation"])
+    assert "allow-list" not in str(result["explanation"])
+
+
+def _turnout_process(
+    *argv: str, cwd: Path, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "turnout.cli", *argv],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("which", ["edge", "admin"])
+def test_busy_port_is_one_line_naming_the_setting(tmp_path: Path, which: str) -> None:
+    """`turnout serve` on a port already taken exits 2 with one line naming the setting, the
+    flag and the port: no traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        with socket.socket() as other:
+            other.bind(("127.0.0.1", 0))
+            free = other.getsockname()[1]
+        ports = {"edge": free, "admin": free}
+        ports[which] = busy
+        if which == "edge":
+            ports["admin"] = free
+        result = _turnout_process(
+            "serve",
+            "--edge-port",
+            str(ports["edge"] if which == "edge" else free),
+            "--admin-port",
+            str(ports["admin"] if which == "admin" else free),
+            cwd=tmp_path,
+            env={"TURNOUT_STATE_DIR": str(tmp_path / "state")},
+        )
+    assert result.returncode == EXIT_USAGE
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"{which}_port: port {busy}" in lines[0]
+    assert f"--{which}-port" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("settings_text", "words"),
+    [
+        ("edge_port: 1\nedge_port: 2\n", "duplicate key"),
+        ("edge_port: [1]\n", "edge_port: must be a whole number"),
+        ("seed_file: missing.yaml\n", "seed_file: "),
+        ("access_log: /nonexistent-dir/x/access.log\n", "access_log: cannot open"),
+    ],
+    ids=["duplicate", "bad-value", "missing-seed", "unwritable-access-log"],
+)
+def test_startup_failures_are_one_line(tmp_path: Path, settings_text: str, words: str) -> None:
+    """A wrong setting or an unreadable file stops `turnout serve` with one line naming it."""
+    with socket.socket() as a, socket.socket() as b:
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        ports = (a.getsockname()[1], b.getsockname()[1])
+    config = tmp_path / "settings.yaml"
+    config.write_text(
+        f"edge_port: {ports[0]}\nadmin_port: {ports[1]}\n" + settings_text
+        if "edge_port" not in settings_text
+        else f"admin_port: {ports[1]}\n" + settings_text
+    )
+    result = _turnout_process(
+        "serve",
+        "--config",
+        str(config),
+        cwd=tmp_path,
+        env={"TURNOUT_STATE_DIR": str(tmp_path / "state")},
+    )
+    assert result.returncode == EXIT_USAGE, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("turnout:")]
+    assert len(errors) == 1, result.stderr
+    assert words in errors[0]
+    assert "Traceback" not in result.stderr
+    assert "pydantic" not in result.stderr
+
+
+def test_status_answers_while_redis_is_down(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With the instance's redis-server killed, `turnout status` still answers from the
+    instance's own snapshot, says the store is unreachable and marks it stale."""
+    with redis_server(tmp_path) as redis_proc:
+        instance = TurnoutInstance(
+            tmp_path / "instance",
+            store=redis_proc.url,
+            seed=SEED,
+            poll_interval_s=0.2,
+            access_log="off",
+        )
+        instance.start()
+        try:
+            assert main(["--admin", instance.admin_url, "status"]) == EXIT_OK
+            assert "config version 1" in capsys.readouterr().out
+            redis_proc.kill9()
+            assert (
+                main(["--admin", instance.admin_url, "--token", instance.token, "status"])
+                == EXIT_OK
+            )
+            out = capsys.readouterr().out
+            assert "store unreachable" in out
+            assert "version 1 (stale)" in out
+            assert (
+                next(line for line in out.splitlines() if line.startswith("web")).split()[1]
+                == "beta"
+            )
+        finally:
+            instance.stop()

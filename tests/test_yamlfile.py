@@ -46,7 +46,7 @@ def test_duplicate_key_is_refused_with_its_line() -> None:
     message = str(caught.value)
     assert message.startswith("routing.yaml: line 4")
     assert 'duplicate key "web"' in message
-    assert "first at line 2" in message
+    assert "in the mapping that starts at line 2" in message
     assert "yaml.dev" not in message
 
 
@@ -150,7 +150,7 @@ def test_settings_file_is_yaml_1_2_with_duplicates_refused(tmp_path: Path) -> No
     with pytest.raises(SettingsError) as caught:
         load_settings(str(twice))
     assert "line 3" in caught.value.message
-    assert "first at line 1" in caught.value.message
+    assert "starts at line 1" in caught.value.message
 
 
 @pytest.mark.parametrize(
