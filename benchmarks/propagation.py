@@ -402,12 +402,21 @@ def run(args: argparse.Namespace) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--changes", type=int, default=100)
-    parser.add_argument("--instances", type=int, default=4)
-    parser.add_argument("--poll-interval", type=float, default=2.0)
-    parser.add_argument("--max-seconds", type=float, default=100.0)
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--changes", type=int, default=100, help="changes to time (100)")
+    parser.add_argument("--instances", type=int, default=4, help="turnout processes (4)")
+    parser.add_argument(
+        "--poll-interval", type=float, default=2.0, help="each instance's poll_interval_s (2)"
+    )
+    parser.add_argument(
+        "--max-seconds", type=float, default=100.0, help="stop the whole run after this (100)"
+    )
+    parser.add_argument("--seed", type=int, default=1, help="random seed of the change mix")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke test: 10 changes over 2 instances"
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.changes, args.instances = 10, 2
     if args.instances < 1 or args.changes < 1:
         parser.error("--instances and --changes must be >= 1")
     return run(args)

@@ -89,6 +89,7 @@ def edge_config(app: Any, settings: Settings) -> uvicorn.Config:
         date_header=False,
         access_log=False,
         log_level=settings.log_level,
+        log_config=None,  # uvicorn's lines go through Turnout's own format (turnout/startup.py)
         timeout_keep_alive=max(1, round(settings.client_keepalive_timeout_s)),
         timeout_graceful_shutdown=10,
         backlog=4096,
