@@ -19,6 +19,7 @@ from flags.wording import describe_error
 from stores.yamlfile import YamlError, read_mapping_file
 
 ENV_PREFIX = "TURNOUT_"
+STORE_SCHEMES = ("file", "redis", "rediss", "unix", "redis+sentinel")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -130,6 +131,16 @@ class Settings(BaseSettings):
             raise ValueError(f"must be one of: {', '.join(LOG_LEVELS)}, got {value!r}")
         return level
 
+    @field_validator("store")
+    @classmethod
+    def _store(cls, value: str) -> str:
+        value = value.strip()
+        scheme, sep, _ = value.partition("://")
+        if sep and scheme.lower() not in STORE_SCHEMES:
+            known = ", ".join(f"{name}://" for name in STORE_SCHEMES)
+            raise ValueError(f"must be a directory path or a URL starting with {known}")
+        return value
+
     @field_validator("access_log")
     @classmethod
     def _access_log(cls, value: str) -> str:
@@ -159,7 +170,7 @@ class Settings(BaseSettings):
 
     @property
     def uses_redis(self) -> bool:
-        return self.store.startswith(("redis://", "rediss://", "redis+sentinel://"))
+        return self.store.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://"))
 
     @property
     def wait_replicas(self) -> int:

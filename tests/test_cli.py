@@ -622,7 +622,11 @@ def _turnout_process(
     return subprocess.run(
         [sys.executable, "-m", "turnout.cli", *argv],
         cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(REPO), **env},
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("TURNOUT_")},
+            "PYTHONPATH": str(REPO),
+            **env,
+        },
         capture_output=True,
         text=True,
         timeout=60,
@@ -669,8 +673,22 @@ def test_busy_port_is_one_line_naming_the_setting(tmp_path: Path, which: str) ->
         ("edge_port: [1]\n", "edge_port: must be a whole number"),
         ("seed_file: missing.yaml\n", "seed_file: "),
         ("access_log: /nonexistent-dir/x/access.log\n", "access_log: cannot open"),
+        ("state_dir: /proc/no-such-dir\n", "state_dir: cannot create or write /proc/"),
+        ("store: bogus://x\n", "store: must be a directory path or a URL"),
+        (
+            "seed: {releases: {web: {stable: [x], canary: [y]}}}\n",
+            "seed: the inline seed: releases.web.stable.0: upstream must be an http",
+        ),
     ],
-    ids=["duplicate", "bad-value", "missing-seed", "unwritable-access-log"],
+    ids=[
+        "duplicate",
+        "bad-value",
+        "missing-seed",
+        "unwritable-access-log",
+        "unwritable-state-dir",
+        "unknown-store-scheme",
+        "invalid-inline-seed",
+    ],
 )
 def test_startup_failures_are_one_line(tmp_path: Path, settings_text: str, words: str) -> None:
     """A wrong setting or an unreadable file stops `turnout serve` with one line naming it."""
@@ -679,18 +697,13 @@ def test_startup_failures_are_one_line(tmp_path: Path, settings_text: str, words
         b.bind(("127.0.0.1", 0))
         ports = (a.getsockname()[1], b.getsockname()[1])
     config = tmp_path / "settings.yaml"
-    config.write_text(
-        f"edge_port: {ports[0]}\nadmin_port: {ports[1]}\n" + settings_text
-        if "edge_port" not in settings_text
-        else f"admin_port: {ports[1]}\n" + settings_text
-    )
-    result = _turnout_process(
-        "serve",
-        "--config",
-        str(config),
-        cwd=tmp_path,
-        env={"TURNOUT_STATE_DIR": str(tmp_path / "state")},
-    )
+    lines = [f"admin_port: {ports[1]}\n", settings_text]
+    if "edge_port" not in settings_text:
+        lines.append(f"edge_port: {ports[0]}\n")
+    if "state_dir" not in settings_text:
+        lines.append(f"state_dir: {tmp_path / 'state'}\n")
+    config.write_text("".join(lines))
+    result = _turnout_process("serve", "--config", str(config), cwd=tmp_path, env={})
     assert result.returncode == EXIT_USAGE, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("turnout:")]
     assert len(errors) == 1, result.stderr

@@ -630,7 +630,7 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         metavar="S",
         default=argparse.SUPPRESS,
         help=f"seconds to wait for each answer (default {DEFAULT_TIMEOUT_S:g})",
@@ -651,6 +651,16 @@ def _version_number(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"not a version number: {text!r}")
     return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be seconds between 0 and 3600, got {text!r}")
+    return value
 
 
 def _positive(text: str) -> int:

@@ -25,7 +25,7 @@ from flags.store import Store
 from stores.settings import Settings
 from stores.watch import ConfigWatcher
 from stores.yamlfile import YamlError, read_mapping_file
-from turnout.startup import check_listeners, configure_logging
+from turnout.startup import check_listeners, check_writable_dirs, configure_logging
 
 log = logging.getLogger("turnout.server")
 
@@ -68,7 +68,12 @@ async def seed_store(store: Store, settings: Settings) -> None:
     raw = read_seed(settings)
     if raw is None:
         return
-    document = load_document(raw)  # invalid -> ConfigError naming the field, nothing written
+    try:  # invalid -> ConfigError naming the file and the field, nothing written
+        document = load_document(raw)
+    except ConfigError as exc:
+        source = settings.seed_file if settings.seed is None else "the inline seed"
+        setting = "seed_file" if settings.seed is None else "seed"
+        raise ConfigError(setting, f"{source}: {exc.field}: {exc.message}") from None
     if await store.current_version() == 0:
         await store.commit(
             document, expected_version=0, actor="seed", summary="initial configuration"
@@ -226,5 +231,6 @@ def install_event_loop_policy() -> None:
 def run(settings: Settings) -> None:
     configure_logging(settings)
     check_listeners(settings, ("--edge-port", "--admin-port"))  # busy port: one line, no traceback
+    check_writable_dirs(settings)
     install_event_loop_policy()
     asyncio.run(serve(settings))

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -81,6 +83,29 @@ def check_listeners(
                 probe.bind(address)
             except OSError as exc:
                 raise _listen_error(setting, flag, host, port, exc) from None
+
+
+def check_writable_dirs(settings: Settings) -> None:
+    """The state directory (and the bootstrap file's and the embedded store's directories)
+    exist or can be created, and can be written: a `SettingsError` naming the setting
+    otherwise, instead of a traceback from deep inside the store."""
+    places = [("state_dir", Path(settings.state_dir))]
+    if settings.bootstrap_path:
+        places.append(("bootstrap_path", Path(settings.bootstrap_path).parent))
+    if settings.store_dir is not None and settings.store:
+        places.append(("store", settings.store_dir))
+    for setting, directory in places:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            probe = directory / f".turnout-write-check-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise SettingsError(
+                setting,
+                f"cannot create or write {directory}: {exc.strerror or exc} "
+                f"(TURNOUT_{setting.upper()})",
+            ) from None
 
 
 class JsonFormatter(logging.Formatter):
