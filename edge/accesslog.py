@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 DEFAULT_FLUSH_INTERVAL_S = 0.1
 DEFAULT_MAX_BATCH = 4096
 UNIT_DIGEST_BYTES = 8
+MAX_CACHED_DIGESTS = 65_536  # returning users are the common case; the cache is bounded
 MAX_FIELD_CHARS = 2048
 UNIT_HASH = "hash"
 UNIT_OMIT = "omit"
@@ -60,9 +61,25 @@ Entry = tuple[
 ]
 
 
-def _stamp(epoch_s: float) -> str:
-    ms = int((epoch_s % 1) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch_s)) + f".{ms:03d}Z"
+class _Stamps:
+    """RFC 3339 UTC times with milliseconds; the seconds part is formatted once per second
+    (strftime is most of a line's cost otherwise)."""
+
+    __slots__ = ("_second", "_prefix")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, epoch_s: float) -> str:
+        second, ms = divmod(int(epoch_s * 1000), 1000)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return self._prefix + _MILLIS[ms]
+
+
+_MILLIS = [f".{ms:03d}Z" for ms in range(1000)]
 
 
 def _printable(text: str) -> str:
@@ -104,6 +121,8 @@ class AccessLog:
         self.pending: list[Entry] = []
         self.dropped_lines = 0
         self.written_lines = 0
+        self._stamp = _Stamps()
+        self._digests: dict[str, str] = {}  # unit -> digest, cleared when it grows large
         self._timer: asyncio.Task[None] | None = None
         self._flush_scheduled = False
         self._owns_sink = False
@@ -164,9 +183,15 @@ class AccessLog:
     # -- off the request path ------------------------------------------------------------------
 
     def unit_digest(self, unit: str) -> str:
-        return hashlib.blake2b(
-            unit.encode("utf-8", "surrogatepass"), digest_size=UNIT_DIGEST_BYTES, key=self._key
-        ).hexdigest()
+        digest = self._digests.get(unit)
+        if digest is None:
+            if len(self._digests) >= MAX_CACHED_DIGESTS:
+                self._digests.clear()
+            digest = hashlib.blake2b(
+                unit.encode("utf-8", "surrogatepass"), digest_size=UNIT_DIGEST_BYTES, key=self._key
+            ).hexdigest()
+            self._digests[unit] = digest
+        return digest
 
     def format(self, entry: Entry) -> bytes:
         """One line (with its newline) for one exchange."""
@@ -178,21 +203,21 @@ class AccessLog:
         upstream = f"{peer.host}:{peer.port}" if peer is not None else ""
         if unit is not None:
             unit = self.unit_digest(unit) if self.hash_units else None
-        duration_ms = round(duration * 1000, 3)
         if self.human:
+            duration_ms = round(duration * 1000, 3)
             return (
-                f"{_stamp(stamp)} {_printable(method)} {_printable(host) or '-'}"
+                f"{self._stamp(stamp)} {_printable(method)} {_printable(host) or '-'}"
                 f"{_printable(path)} {status} {size} {duration_ms}ms "
                 f"{release or '-'}/{arm or '-'} {upstream or '-'} unit={unit or '-'}\n"
             ).encode("utf-8", "replace")
         record = {
-            "time": _stamp(stamp),
+            "time": self._stamp(stamp),
             "method": method,
             "host": host,
             "path": path[:MAX_FIELD_CHARS],
             "status": status,
             "bytes": size,
-            "duration_ms": duration_ms,
+            "duration_ms": round(duration * 1000, 3),
             "release": release or None,
             "arm": arm or None,
             "upstream": upstream or None,
