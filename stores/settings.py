@@ -128,7 +128,7 @@ class Settings(BaseSettings):
     def _level(cls, value: str) -> str:
         level = value.strip().lower()
         if level not in LOG_LEVELS:
-            raise ValueError(f"must be one of: {', '.join(LOG_LEVELS)}, got {value!r}")
+            raise ValueError(f"must be one of: {', '.join(LOG_LEVELS)}")
         return level
 
     @field_validator("store")

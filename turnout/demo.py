@@ -26,7 +26,8 @@ from pydantic import SecretStr
 from websockets.asyncio.server import Server, ServerConnection, serve
 
 from admin.auth import resolve_admin_token, token_file
-from stores.settings import Settings, SettingsError
+from flags.errors import ConfigError
+from stores.settings import Settings, load_settings
 from turnout.startup import check_listeners, configure_logging
 
 DEMO_RELEASE = "web"
@@ -332,8 +333,10 @@ async def _demo(
         "turnout.server"
     ).serve
     # A busy port is one line naming the flag, before anything starts (issue #13).
+    # Settings through the same loader as `turnout serve`: a bad TURNOUT_* value is one line.
     check_listeners(
-        Settings(edge_port=edge_port, admin_port=admin_port), ("--edge-port", "--admin-port")
+        load_settings(edge_port=edge_port, admin_port=admin_port, state_dir=state_dir),
+        ("--edge-port", "--admin-port"),
     )
     workdir = Path(tempfile.mkdtemp(prefix="turnout-demo-"))
     stable, canary = DemoBackend("stable"), DemoBackend("canary")
@@ -342,8 +345,8 @@ async def _demo(
         await stable.start()
         await canary.start()
         # An existing token file is reused, so a CLI already pointed at it keeps working.
-        token = resolve_admin_token(Settings(state_dir=state_dir))
-        settings = Settings(
+        token = resolve_admin_token(load_settings(state_dir=state_dir))
+        settings = load_settings(
             edge_host="127.0.0.1",
             edge_port=edge_port,
             admin_host="127.0.0.1",
@@ -411,7 +414,7 @@ def run_demo(
         )
     except KeyboardInterrupt:
         pass
-    except SettingsError as exc:  # a busy port: one line naming the flag
+    except ConfigError as exc:  # a busy port, a bad setting: one line naming it
         print(f"turnout demo: {exc.field}: {exc.message}", file=sys.stderr)
         return 2
     except SystemExit as exc:  # the server could not listen (port in use, ...)
