@@ -61,7 +61,13 @@ def routes(ctx: AdminContext) -> list[Route]:
             return new, summary
 
         return await perform_write(
-            ctx, request, action="config.replace", target="document", edit=edit, dry_run=dry_run
+            ctx,
+            request,
+            action="config.replace",
+            target="document",
+            edit=edit,
+            dry_run=dry_run,
+            skip_identical=True,
         )
 
     return [route("/api/v1/config", {"GET": get_config, "PUT": put_config})]

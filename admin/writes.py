@@ -61,6 +61,7 @@ async def perform_write(
     body_required: bool = True,
     local_override: bool = False,
     dry_run: bool = False,
+    skip_identical: bool = False,
 ) -> Response:
     """Run one write through the pipeline; the response for the client.
 
@@ -79,7 +80,14 @@ async def perform_write(
         event.detail = "dry run: nothing written"
     try:
         response = await _write(
-            ctx, request, event, edit, body_required, local_override and not dry_run, dry_run
+            ctx,
+            request,
+            event,
+            edit,
+            body_required,
+            local_override and not dry_run,
+            dry_run,
+            skip_identical,
         )
     except ApiError as exc:
         event.status = exc.status
@@ -109,6 +117,7 @@ async def _write(
     body_required: bool,
     local_override_allowed: bool,
     dry_run: bool = False,
+    skip_identical: bool = False,
 ) -> Response:
     authorization = request.headers.get("authorization")
     if not ctx.auth.check(authorization):
@@ -127,7 +136,7 @@ async def _write(
     if not isinstance(local, bool):
         raise ApiError(422, "must be true or false", field=LOCAL_OVERRIDE_FIELD)
     try:
-        return await _commit(ctx, event, edit, body, accepted, dry_run)
+        return await _commit(ctx, event, edit, body, accepted, dry_run, skip_identical)
     except ApiError as exc:
         if not (local and exc.status == 503):
             raise
@@ -169,6 +178,7 @@ async def _commit(
     body: dict[str, Any],
     accepted: frozenset[int] | None,
     dry_run: bool = False,
+    skip_identical: bool = False,
 ) -> Response:
     latest = await ctx.latest()
     before = latest.version if latest is not None else 0
@@ -198,8 +208,9 @@ async def _commit(
         return versioned_response(
             {"version": before, "dry_run": True, "summary": summary, "changes": changes}, before
         )
-    if new.content() == current.content():
-        # An identical write is not a new version (issue #13): nothing to apply or audit-diff.
+    if skip_identical and new.content() == current.content():
+        # Applying the document in force is not a new version (issue #13). Other writes keep
+        # making a version each, as their callers (and the guard's audit trail) expect.
         event.after_version = before
         event.detail = "no change"
         return versioned_response(

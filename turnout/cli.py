@@ -21,6 +21,7 @@ import importlib.metadata
 import json
 import re
 import sys
+import textwrap
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -49,6 +50,7 @@ CONNECT_TIMEOUT_S = 3.0
 TOKEN_FILE_NAME = "admin-token"  # noqa: S105 - a file name; the same as admin.auth's
 # A number (with an optional sign, so `-5` gets the range message, not "unknown stage").
 _PERCENT = re.compile(r"^([-+]?[0-9]+(?:\.[0-9]*)?|[-+]?\.[0-9]+)\s*%?$")
+HELP_WIDTH = 78
 OUTPUT_TEXT = "text"
 OUTPUT_JSON = "json"
 
@@ -675,6 +677,11 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _paragraph(text: str) -> str:
+    """A description wrapped for the terminal (the raw formatter keeps the examples' layout)."""
+    return textwrap.fill(text, HELP_WIDTH, break_on_hyphens=False)
+
+
 def _examples(*lines: str) -> str:
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
@@ -683,7 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="turnout",
-        description="Feature-flag and canary-routing edge proxy.",
+        description=_paragraph("Feature-flag and canary-routing edge proxy."),
         formatter_class=formatter,
         epilog=_examples(
             "turnout demo                          # try it: two backends, edge :8080, admin :8081",
@@ -695,12 +702,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"turnout {_version()}")
     _client_options(parser)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", metavar="COMMAND", help="what to do (turnout COMMAND --help)"
+    )
 
     serve = commands.add_parser(
         "serve",
         help="run the edge and admin listeners",
-        description="Run one Turnout instance: the edge (proxy) and the admin API.",
+        description=_paragraph("Run one Turnout instance: the edge (proxy) and the admin API."),
         formatter_class=formatter,
         epilog=_examples(
             "turnout serve --config settings.yaml",
@@ -726,8 +735,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="run a self-contained demo with two backends",
-        description="A whole Turnout with two demo backends and release 'web' at stage beta. "
-        "Its store is temporary; the admin token is kept in ./turnout-data/admin-token.",
+        description=_paragraph(
+            "A whole Turnout with two demo backends and release 'web' at stage beta. "
+            "Its store is temporary; the admin token is kept in ./turnout-data/admin-token."
+        ),
         formatter_class=formatter,
         epilog=_examples(
             "turnout demo",
@@ -753,8 +764,10 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser(
         "validate",
         help="check a configuration document file (no server needed)",
-        description="Check a YAML or JSON configuration document as the server would: YAML "
-        "1.2, duplicate keys, fields, stages, cohorts and routes. Exit 0 valid, 1 invalid.",
+        description=_paragraph(
+            "Check a YAML or JSON configuration document as the server would: YAML "
+            "1.2, duplicate keys, fields, stages, cohorts and routes. Exit 0 valid, 1 invalid."
+        ),
         formatter_class=formatter,
         epilog=_examples("turnout validate routing.yaml", "turnout validate routing.yaml -o json"),
     )
@@ -775,7 +788,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(
             name,
             help=help_text,
-            description=description or help_text[0].upper() + help_text[1:] + ".",
+            description=_paragraph(description or help_text[0].upper() + help_text[1:] + "."),
             formatter_class=formatter,
             epilog=_examples(*examples),
         )
@@ -830,16 +843,20 @@ def build_parser() -> argparse.ArgumentParser:
     store = commands.add_parser(
         "store",
         help="store maintenance",
-        description="Store maintenance.",
+        description=_paragraph("Store maintenance."),
         formatter_class=formatter,
         epilog=_examples("turnout store reseed"),
     )
-    store_commands = store.add_subparsers(dest="store_command", metavar="ACTION")
+    store_commands = store.add_subparsers(
+        dest="store_command", metavar="ACTION", help="what to do (see its --help)"
+    )
     reseed = store_commands.add_parser(
         "reseed",
         help="write this instance's last-known-good configuration back to the store",
-        description="Write the configuration this instance serves back to the store, at the "
-        "same version (after Redis lost data or a pointer went backwards).",
+        description=_paragraph(
+            "Write the configuration this instance serves back to the store, at the "
+            "same version (after Redis lost data or a pointer went backwards)."
+        ),
         formatter_class=formatter,
         epilog=_examples(
             "turnout store reseed", "turnout --admin http://10.0.0.7:8081 store reseed"
@@ -906,9 +923,11 @@ def build_parser() -> argparse.ArgumentParser:
             "turnout apply empty.yaml --allow-empty",
         ),
         writes=True,
-        description="Replace the whole configuration document. Prints what changes per "
-        "release, route and stage. An identical document writes no version; one that would "
-        "drop every route, or every release that has traffic, is refused unless --allow-empty.",
+        description=_paragraph(
+            "Replace the whole configuration document. Prints what changes per "
+            "release, route and stage. An identical document writes no version; one that would "
+            "drop every route, or every release that has traffic, is refused unless --allow-empty."
+        ),
     )
     apply.add_argument("file", metavar="FILE", help="the document (YAML or JSON)")
     apply.add_argument(
@@ -932,9 +951,11 @@ def build_parser() -> argparse.ArgumentParser:
             "turnout diff 3 5",
         ),
         reads=True,
-        description="What changed per stage, release and route between two versions, and for "
-        "a stage change the share of units that change arm (exact for a percentage change "
-        "with the same salt: |new - old|, by the bucketing contract).",
+        description=_paragraph(
+            "What changed per stage, release and route between two versions, and for "
+            "a stage change the share of units that change arm (exact for a percentage change "
+            "with the same salt: |new - old|, by the bucketing contract)."
+        ),
     )
     diff.add_argument("old", type=_version_number, metavar="N", nargs="?", help="from this version")
     diff.add_argument(
