@@ -17,12 +17,6 @@ from typing import Any
 
 MAX_SHOWN_CHARS = 60
 
-# Error types whose member name pydantic appends to `loc` for a union or tagged member; they
-# are not fields the user wrote.
-_TYPE_TAGS = frozenset(
-    {"str", "int", "float", "bool", "list", "dict", "tuple", "none", "constrained-str"}
-)
-
 
 def _count(n: Any, one: str, many: str) -> str:
     return f"{n} {one if n == 1 else many}"
@@ -85,7 +79,10 @@ _WORDING: dict[str, Any] = {
 
 def field_path(loc: Sequence[int | str], prefix: str = "") -> str:
     """The dotted path of an error's location (`releases.web.stable.0`)."""
-    parts = [str(part) for part in loc if not (isinstance(part, str) and part in _TYPE_TAGS)]
+    # Every part is kept, even one that looks like a type name: it may be a release or stage
+    # the user named "int" (the models use nullable fields, not unions, so pydantic adds no
+    # union-member tags to these paths).
+    parts = [str(part) for part in loc]
     if prefix:
         parts.insert(0, prefix)
     return ".".join(parts)
