@@ -19,6 +19,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from edge.armstats import ArmStats
+
 if TYPE_CHECKING:
     from flags.evaluate import Snapshot
     from flags.store import Revision
@@ -83,11 +85,19 @@ class EdgeMetrics:
         self.upstream_errors: dict[tuple[str, str, str], int] = {}
         self.websockets: dict[tuple[str, str], int] = {}
         self.apply_lag = Histogram(LAG_BUCKETS_S)
+        self.arms = ArmStats()  # the guard's rolling windows (edge/armstats.py)
+        # (release, criterion) -> automatic rollbacks by the guard (issue #10)
+        self.guard_rollbacks: dict[tuple[str, str], int] = {}
+        self.guard_verdicts: dict[str, str] = {}  # release -> last verdict
+        self.plan_advances: dict[str, int] = {}
 
-    def count(self, release: str, arm: str, status: int) -> None:
+    def count(self, release: str, arm: str, status: int, elapsed_s: float | None = None) -> None:
+        """A finished request, as the client got it; `elapsed_s` is the time to the response
+        head (or to Turnout's own error answer)."""
         key = (release, arm, status // 100)
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
+        self.arms.record(release, arm, status, elapsed_s)
 
     def error(self, release: str, arm: str, kind: str) -> None:
         key = (release, arm, kind)
@@ -140,6 +150,31 @@ class TurnoutCollector(Collector):
         for (release, arm), value in sorted(m.websockets.items()):
             ws.add_metric([release, arm], value)
         yield ws
+        rollbacks = CounterMetricFamily(
+            "turnout_guard_rollbacks",
+            "Automatic rollbacks by the guard, by release and criterion",
+            labels=["release", "criterion"],
+        )
+        for (release, criterion), value in sorted(m.guard_rollbacks.items()):
+            rollbacks.add_metric([release, criterion], value)
+        yield rollbacks
+        verdict = GaugeMetricFamily(
+            "turnout_guard_verdict",
+            "The guard's last verdict per release (1 for the verdict it is in)",
+            labels=["release", "verdict"],
+        )
+        for release, status in sorted(m.guard_verdicts.items()):
+            for name in ("pass", "breach", "insufficient"):
+                verdict.add_metric([release, name], 1 if status == name else 0)
+        yield verdict
+        advances = CounterMetricFamily(
+            "turnout_plan_advances",
+            "Phase plan advances by release",
+            labels=["release"],
+        )
+        for release, value in sorted(m.plan_advances.items()):
+            advances.add_metric([release], value)
+        yield advances
         yield GaugeMetricFamily(
             "turnout_config_version", "Applied configuration version", value=w.version
         )

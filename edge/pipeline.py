@@ -617,7 +617,7 @@ class Pipeline:
         if resp is None:
             status, message, kind = error or (502, "upstream unavailable", "connect")
             metrics.error(release, arm, kind)
-            metrics.count(release, arm, status)
+            metrics.count(release, arm, status, time.perf_counter() - started)
             await downstream.respond(*self.error_response(status, message, target, set_cookie))
             return
         elapsed = time.perf_counter() - started
@@ -628,10 +628,10 @@ class Pipeline:
             resp.release()
             await downstream.respond(status, headers, data)
             metrics.upstream_latency[arm].observe(elapsed)
-            metrics.count(release, arm, status)
+            metrics.count(release, arm, status, elapsed)
             return
         metrics.upstream_latency[arm].observe(elapsed)
-        metrics.count(release, arm, status)
+        metrics.count(release, arm, status, elapsed)
         await self._stream_response(resp, status, headers, downstream, release, arm)
 
     async def _stream_response(
