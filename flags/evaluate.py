@@ -245,4 +245,6 @@ def explain(
         "reason": decision.reason,
         "explanation": why,
         "version": snapshot.version,
+        # The guard's figures when it rolled the release back by itself (issue #10).
+        "rollback": doc_rel.rollback.model_dump(mode="json") if doc_rel.rollback else None,
     }

@@ -77,6 +77,18 @@ class Settings(BaseSettings):
     upstream_max_connections: int = Field(default=512, ge=1)
     max_request_body_bytes: int = Field(default=100 * 1024 * 1024, ge=0)
 
+    # Guarded delivery (issue #10): the guard judges every `guard_interval_s`; webhooks get a
+    # JSON POST per rollback, phase advance, hold and approval request, signed with
+    # HMAC-SHA256 of `webhook_secret` (header X-Turnout-Signature: sha256=<hex>).
+    guard_enabled: bool = True
+    guard_interval_s: float = Field(default=1.0, ge=0.1, le=60)
+    instance_id: str | None = Field(default=None, max_length=64)
+    webhook_urls: list[str] = Field(default_factory=list, max_length=20)
+    webhook_secret: SecretStr | None = None
+    webhook_timeout_s: float = Field(default=2.0, gt=0, le=30)
+    webhook_max_attempts: int = Field(default=5, ge=1, le=20)
+    webhook_deadline_s: float = Field(default=60.0, gt=0, le=3600)
+
     log_level: str = "info"
 
     @field_validator("unit_header", "email_header", "unit_cookie")
