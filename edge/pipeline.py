@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from edge.identity import Identity
+from edge.maintenance import maintenance_answer
 from edge.metrics import EdgeMetrics
 from edge.targets import PoolSet, Target
 from edge.upstream import (
@@ -479,6 +480,11 @@ class Pipeline:
                     *self.error_response(404, "no route for this host and path", None)
                 )
                 return
+            if rel.maintenance is not None:  # issue #10: 503 for all but the internal cohort
+                answer = self.maintenance_response(rel, headers, unit_raw, cookie, email_raw)
+                if answer is not None:
+                    await downstream.respond(*answer)
+                    return
             target, set_cookie = self.upstream_peer(rel, unit_raw, cookie, email_raw)
         except Reject as exc:
             await downstream.respond(
@@ -501,6 +507,22 @@ class Pipeline:
         email = email_raw.decode("utf-8", "replace") if email_raw is not None else None
         decision = rel.assign(unit, email)
         return self.targets[rel.name][1 if decision.arm == ARM_CANARY else 0], set_cookie
+
+    def maintenance_response(
+        self,
+        rel: CompiledRelease,
+        headers: list[tuple[bytes, bytes]],
+        unit_raw: bytes | None,
+        cookie: bytes | None,
+        email_raw: bytes | None,
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+        """503 with Retry-After (RFC 9110 §15.6.4, §10.2.3), JSON or a short HTML page by
+        Accept; None for the internal cohort, who pass so the team can test."""
+        unit, _ = self.identity.resolve(unit_raw, cookie)
+        email = email_raw.decode("utf-8", "replace") if email_raw is not None else None
+        if rel.is_internal(unit, email):
+            return None
+        return maintenance_answer(rel.maintenance, headers)
 
     def upstream_request_head(
         self,
