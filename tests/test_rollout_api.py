@@ -227,3 +227,32 @@ def test_webhooks_are_signed_retried_and_never_block(monkeypatch: pytest.MonkeyP
     finally:
         for server in servers:
             server.stop()
+
+
+def test_cli_plan_status_and_maintenance(
+    turnout: TurnoutInstance, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`turnout plan web start`, `turnout status web` (phase, time in phase, samples, criteria
+    vs thresholds, verdict), `turnout maintenance on web`, and a refused approval naming the
+    field, through the real admin API."""
+    from turnout.cli import main
+
+    inst = turnout
+    common = ["--admin", inst.admin_url, "--token", inst.token]
+    assert main(["plan", "web", "start", *common]) == 0
+    assert "plan started at phase 0" in capsys.readouterr().out
+    assert main(["plan", "web", "approve", *common, "--actor", "mallory"]) != 0
+    assert "nothing to approve" in capsys.readouterr().err
+
+    def shows_plan() -> bool:
+        assert main(["status", "web", *common]) == 0
+        out = capsys.readouterr().out
+        return "plan: running, phase 0 of 3" in out and "verdict" in out
+
+    assert wait_until(shows_plan, timeout=10)
+    assert main(["status", *common]) == 0
+    assert "web" in capsys.readouterr().out
+    assert main(["maintenance", "on", "web", "--retry-after", "60", *common]) == 0
+    assert "maintenance on for web" in capsys.readouterr().out
+    assert main(["maintenance", "off", *common]) == 0
+    assert "maintenance off for everything" in capsys.readouterr().out

@@ -504,6 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument(
         "--version", type=_version_number, metavar="N", help="an older version instead"
     )
+    from turnout.cli_rollout import register  # issue #10: plan, maintenance, status RELEASE
+
+    register(commands, client_command)
     return parser
 
 
