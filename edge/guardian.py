@@ -186,8 +186,9 @@ class Guardian:
             horizons = fleet.get(name) if fleet is not None else None
             state.scope = "fleet" if horizons is not None else "local"
             judgement = judge(criteria, windows_from(horizons if horizons is not None else mine))
-            if horizons is not None and mine and judgement.status != BREACH:
-                alone = judge(_catastrophic(criteria), windows_from(mine))
+            gross = _catastrophic(criteria)
+            if gross is not None and horizons is not None and mine and judgement.status != BREACH:
+                alone = judge(gross, windows_from(mine))
                 if alone.status == BREACH:
                     judgement, state.scope = alone, "local-catastrophic"
             state.judgement = judgement
@@ -488,11 +489,14 @@ def _figures(c: ArmCounts) -> dict[str, float | int]:
     }
 
 
-def _catastrophic(criteria: GuardCriteria) -> GuardCriteria:
+def _catastrophic(criteria: GuardCriteria) -> GuardCriteria | None:
     """The bar for acting on this instance's traffic alone: absolute errors only, at
     `CATASTROPHIC_ERROR_RATE` or the configured limit if that is higher: alone, an instance
-    sees a fraction of the fleet's samples, so only a gross failure counts."""
-    limit = max(CATASTROPHIC_ERROR_RATE, criteria.max_error_rate or 0.0)
+    sees a fraction of the fleet's samples, so only a gross failure counts. None when the
+    guard has no absolute error criterion (relative criteria are never judged alone)."""
+    if criteria.max_error_rate is None:
+        return None
+    limit = max(CATASTROPHIC_ERROR_RATE, criteria.max_error_rate)
     return GuardCriteria(
         max_error_rate=min(limit, 0.9),
         max_p95_ms=None,

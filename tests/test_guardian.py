@@ -11,11 +11,12 @@ from typing import Any
 
 import httpx
 
-from edge.guardian import ACTOR_GUARD, ACTOR_PLAN, Guardian
+from edge.guardian import ACTOR_GUARD, ACTOR_PLAN, Guardian, _catastrophic
 from edge.metrics import EdgeMetrics
 from flags import plan as plans
 from flags.document import load_document
 from flags.evaluate import explain
+from flags.rollout import GuardCriteria
 from flags.store import Store
 from stores import events as ev
 from stores.events import EventBus
@@ -328,3 +329,40 @@ def test_end_to_end_failing_canary_is_rolled_back(tmp_path: Path) -> None:
         finally:
             inst.stop()
             canary.stop()
+
+
+@run_async
+async def test_instance_acts_alone_on_a_catastrophic_breach(tmp_path: Path) -> None:
+    """In a fleet whose sums look fine (one instance's healthy canary traffic dilutes the
+    other's), the instance whose own canary answers only 5xx rolls back alone
+    (scope local-catastrophic); with a relative-only guard it never acts alone."""
+    with redis_server(tmp_path / "redis") as server:
+        stores = [RedisStore.from_url(server.url) for _ in range(2)]
+        watchers = [await setup(s, tmp_path / f"i{i}", guarded_doc()) for i, s in enumerate(stores)]
+        metrics = [EdgeMetrics(), EdgeMetrics()]
+        guards = [
+            Guardian(
+                store=s,
+                watcher=w,
+                metrics=m,
+                fleet=fleet_stats_for(s),
+                instance_id=f"i{i}",
+                clock=Clock(),
+            )
+            for i, (s, w, m) in enumerate(zip(stores, watchers, metrics, strict=True))
+        ]
+        try:
+            await asyncio.gather(*(g.tick() for g in guards))
+            traffic(metrics[0], canary_errors=80, canary=80, stable=800)
+            traffic(metrics[1], canary_errors=0, canary=8000, stable=80000)
+            await guards[1].tick()  # publishes the healthy bulk first
+            await guards[0].tick()
+            history = await stores[0].history()
+            assert history[0].actor == ACTOR_GUARD
+            assert "local-catastrophic" in history[0].summary
+            assert guards[0].rollbacks == 1 and guards[1].rollbacks == 0
+            relative_only = GuardCriteria(max_error_rate=None, max_p99_ms=None)
+            assert _catastrophic(relative_only) is None
+        finally:
+            for w in watchers:
+                await w.stop()
