@@ -15,7 +15,7 @@ from edge.pipeline import Pipeline
 from edge.targets import PoolSet
 from edge.upstream import Timeouts
 from edge.websocket import WebSocketProxy
-from flags.evaluate import Snapshot
+from flags.evaluate import ARM_CANARY, Snapshot
 from flags.store import Revision
 from stores.secretfile import read_or_create_secret
 from stores.settings import Settings
@@ -58,7 +58,10 @@ class Edge:
             via_name=settings.via_name,
             max_body_bytes=settings.max_request_body_bytes,
         )
-        self.app = EdgeApp(self.pipeline, WebSocketProxy(self.pipeline))
+        self.websockets = WebSocketProxy(
+            self.pipeline, rollback_grace_s=settings.websocket_rollback_grace_s
+        )
+        self.app = EdgeApp(self.pipeline, self.websockets)
         self.watcher = watcher
         self._closing: set[asyncio.Task[None]] = set()
         self.pipeline.apply(watcher.snapshot)
@@ -68,7 +71,16 @@ class Edge:
             registry.register(TurnoutCollector(self.metrics, watcher))
 
     def _on_config(self, snapshot: Snapshot, revision: Revision | None) -> None:
+        previous = self.pipeline.snapshot
         unused = self.pipeline.apply(snapshot)
+        if previous is not None:
+            # A rollback (manual or the guard's): canary tunnels are asked to reconnect, and
+            # land on stable (issue #10 point 5).
+            for name, rel in snapshot.releases.items():
+                before = previous.releases.get(name)
+                if rel.disabled and before is not None and not before.disabled:
+                    with contextlib.suppress(RuntimeError):  # no running loop: no tunnels
+                        self.websockets.shed(name, ARM_CANARY)
         for pool in unused:
             with contextlib.suppress(RuntimeError):  # no running loop: nothing to close on
                 task = asyncio.get_running_loop().create_task(pool.aclose())

@@ -84,6 +84,7 @@ class EdgeMetrics:
         }
         self.upstream_errors: dict[tuple[str, str, str], int] = {}
         self.websockets: dict[tuple[str, str], int] = {}
+        self.websockets_open: dict[tuple[str, str], int] = {}  # open tunnels now
         self.apply_lag = Histogram(LAG_BUCKETS_S)
         self.arms = ArmStats()  # the guard's rolling windows (edge/armstats.py)
         # (release, criterion) -> automatic rollbacks by the guard (issue #10)
@@ -150,6 +151,14 @@ class TurnoutCollector(Collector):
         for (release, arm), value in sorted(m.websockets.items()):
             ws.add_metric([release, arm], value)
         yield ws
+        open_ws = GaugeMetricFamily(
+            "turnout_websocket_open",
+            "Open WebSocket tunnels by release and arm",
+            labels=["release", "arm"],
+        )
+        for (release, arm), value in sorted(m.websockets_open.items()):
+            open_ws.add_metric([release, arm], value)
+        yield open_ws
         rollbacks = CounterMetricFamily(
             "turnout_guard_rollbacks",
             "Automatic rollbacks by the guard, by release and criterion",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -38,14 +39,37 @@ _SKIP = frozenset(
 )
 # Close codes that must not be sent on the wire (RFC 6455 §7.4.1).
 _RESERVED_CLOSE = {1005: 1000, 1006: 1011, 1015: 1011}
+# Upstream closes that are not failures (RFC 6455 §7.4.1: normal, going away, no status).
+_CLEAN_CLOSE = frozenset({1000, 1001, 1005})
+# Issue #10: canary tunnels are asked to reconnect after a rollback with 1012 "Service
+# Restart" (IANA WebSocket close code registry), spread over [grace, 1.5 x grace] so the
+# clients do not all reconnect in the same instant.
+CLOSE_SERVICE_RESTART = 1012
+DEFAULT_ROLLBACK_GRACE_S = 5.0
 
 
 class WebSocketProxy:
     def __init__(
-        self, pipeline: Pipeline, *, open_timeout_s: float = DEFAULT_OPEN_TIMEOUT_S
+        self,
+        pipeline: Pipeline,
+        *,
+        open_timeout_s: float = DEFAULT_OPEN_TIMEOUT_S,
+        rollback_grace_s: float = DEFAULT_ROLLBACK_GRACE_S,
     ) -> None:
         self.pipeline = pipeline
         self.open_timeout_s = open_timeout_s
+        self.rollback_grace_s = rollback_grace_s
+        # (release, arm) -> one event per open tunnel; setting it closes the tunnel (1012).
+        self.tunnels: dict[tuple[str, str], set[asyncio.Event]] = {}
+
+    def shed(self, release: str, arm: str) -> int:
+        """Close the arm's open tunnels with 1012 after the grace (a rollback). Returns how
+        many were scheduled; new upgrades already follow the new snapshot."""
+        tunnels = self.tunnels.get((release, arm), set())
+        loop = asyncio.get_running_loop()
+        for event in tunnels:
+            loop.call_later(self.rollback_grace_s * (1 + random.random() / 2), event.set)
+        return len(tunnels)
 
     async def _refuse(self, send: Any, scope: dict[str, Any], status: int, message: str) -> None:
         if "websocket.http.response" in scope.get("extensions", {}):
@@ -141,9 +165,30 @@ class WebSocketProxy:
                 "headers": accept_headers,
             }
         )
-        await self._relay(upstream, receive, send)
+        shed = asyncio.Event()
+        tunnels = self.tunnels.setdefault(key, set())
+        tunnels.add(shed)
+        metrics = pipeline.metrics
+        metrics.websockets_open[key] = len(tunnels)
+        try:
+            code = await self._relay(upstream, receive, send, shed)
+        finally:
+            tunnels.discard(shed)
+            metrics.websockets_open[key] = len(tunnels)
+        if code is not None:
+            # A tunnel counts once in the guard's windows, as an error when the upstream
+            # closed it with an error code (issue #10: "monitor WebSocket connections").
+            failed = code not in _CLEAN_CLOSE
+            metrics.arms.record(target.release, target.arm, 500 if failed else 200, None)
+            if failed:
+                metrics.error(target.release, target.arm, "websocket_close")
 
-    async def _relay(self, upstream: ClientConnection, receive: Any, send: Any) -> None:
+    async def _relay(
+        self, upstream: ClientConnection, receive: Any, send: Any, shed: asyncio.Event
+    ) -> int | None:
+        """Relay until either side closes or `shed` is set; the upstream's close code when it
+        closed first, else None."""
+
         async def client_to_upstream() -> None:
             while True:
                 message = await receive()
@@ -177,12 +222,27 @@ class WebSocketProxy:
                     }
                 )
 
+        from_upstream = asyncio.create_task(upstream_to_client())
         tasks = [
             asyncio.create_task(client_to_upstream()),
-            asyncio.create_task(upstream_to_client()),
+            from_upstream,
+            asyncio.create_task(shed.wait()),
         ]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if shed.is_set() and not from_upstream.done():
+                with contextlib.suppress(Exception):
+                    await send(
+                        {
+                            "type": "websocket.close",
+                            "code": CLOSE_SERVICE_RESTART,
+                            "reason": "rolled back: reconnect",
+                        }
+                    )
+                return None
+            if from_upstream.done():
+                return upstream.close_code if upstream.close_code is not None else 1006
+            return None
         finally:
             for task in tasks:
                 task.cancel()

@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(default=2.0, gt=0, le=30)
     webhook_max_attempts: int = Field(default=5, ge=1, le=20)
     webhook_deadline_s: float = Field(default=60.0, gt=0, le=3600)
+    # After a rollback, open canary WebSocket tunnels are closed with 1012 after this grace
+    # (spread up to 1.5x, so clients do not reconnect all at once).
+    websocket_rollback_grace_s: float = Field(default=5.0, ge=0, le=3600)
 
     log_level: str = "info"
 

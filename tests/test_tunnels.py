@@ -1,0 +1,60 @@
+"""WebSocket tunnels and guarded delivery, through a real Turnout: open tunnels are counted
+per release and arm, an upstream's error close counts against the arm in the guard's
+windows, and a rollback closes canary tunnels with 1012 so clients reconnect to stable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+from websockets.sync.client import connect as ws_connect
+
+from tests.harness import LOOPBACK, TurnoutInstance, backends, release_doc, wait_until
+
+
+def open_tunnels(inst: TurnoutInstance, arm: str) -> float:
+    text = httpx.get(f"{inst.admin_url}/metrics").text
+    for line in text.splitlines():
+        if line.startswith("turnout_websocket_open{") and f'arm="{arm}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_rollback_closes_canary_tunnels_with_1012(tmp_path: Path) -> None:
+    """At ga every tunnel is a canary tunnel (counted open); an upstream's close with 4001
+    counts as a canary error in the guard's windows; after a manual rollback the open canary
+    tunnel is closed with 1012 and a reconnect lands on stable."""
+    with backends("stable", "canary") as up:
+        doc = release_doc(up["stable"].url, up["canary"].url, stage="ga")
+        inst = TurnoutInstance(tmp_path, seed=doc, websocket_rollback_grace_s=0.0).start()
+        try:
+            url = f"ws://{LOOPBACK}:{inst.edge_port}/ws"
+            headers = {"x-user-id": "u1"}
+            with ws_connect(url, additional_headers=headers, open_timeout=5) as ws:
+                assert ws.recv(timeout=5).startswith("hello from canary")
+                ws.send("close-4001")
+                with pytest.raises(Exception):  # noqa: B017 - ConnectionClosed subclasses
+                    ws.recv(timeout=5)
+            edge = inst.context["edge"]
+            assert wait_until(
+                lambda: edge.metrics.arms.series[("web", "canary")].current.errors == 1
+            )
+            with ws_connect(url, additional_headers=headers, open_timeout=5) as ws:
+                assert ws.recv(timeout=5).startswith("hello from canary")
+                assert wait_until(lambda: open_tunnels(inst, "canary") == 1.0)
+                resp = httpx.post(
+                    f"{inst.admin_url}/api/v1/releases/web/rollback",
+                    json={"reason": "test"},
+                    headers=inst.auth,
+                )
+                assert resp.status_code == 200
+                with pytest.raises(Exception):  # noqa: B017 - ConnectionClosed subclasses
+                    while True:
+                        ws.recv(timeout=10)
+                assert ws.close_code == 1012
+            assert wait_until(lambda: open_tunnels(inst, "canary") == 0.0)
+            with ws_connect(url, additional_headers=headers, open_timeout=5) as ws:
+                assert ws.recv(timeout=5).startswith("hello from stable")
+        finally:
+            inst.stop()
