@@ -121,3 +121,49 @@ def test_global_maintenance_is_validated() -> None:
     with pytest.raises(ConfigError) as info:
         load_document(raw)
     assert info.value.field == "maintenance.retry_after_s"
+
+
+def test_plan_state_machine() -> None:
+    """flags/plan.py: start moves the release to phase 0; a guard rollback stops a running
+    plan (stage off, evidence kept); approve needs a waiting plan and a named approver; the
+    last phase passing ends the plan; abort rolls back; nothing here moves a release
+    backwards except to off."""
+    from flags import plan as plans
+
+    doc = load_document(document(plan=PLAN))
+    doc, summary = plans.start(doc, "web", 100.0)
+    rel = doc.releases["web"]
+    assert rel.stage == "internal" and rel.plan is not None
+    assert rel.plan.state.status == "running" and rel.plan.state.phase_started_at == 100.0
+    with pytest.raises(ConfigError):
+        plans.start(doc, "web", 101.0)
+    doc, _ = plans.phase_passed(doc, "web", 200.0, "evidence")
+    assert doc.releases["web"].stage == "beta"
+    doc, _ = plans.phase_passed(doc, "web", 300.0, "evidence")  # phase 1 auto -> open
+    assert doc.releases["web"].stage == "open"
+    doc, _ = plans.phase_passed(doc, "web", 400.0, "evidence")  # phase 2 is approve
+    rel = doc.releases["web"]
+    assert (
+        rel.stage == "open" and rel.plan is not None and rel.plan.state.status == "waiting_approval"
+    )
+    with pytest.raises(ConfigError) as info:
+        plans.approve(doc, "web", "mallory", 500.0)
+    assert info.value.field == "approver"
+    approved, _ = plans.approve(doc, "web", "ops", 500.0)
+    assert approved.releases["web"].stage == "ga"
+    done, _ = plans.phase_passed(approved, "web", 600.0, "evidence")
+    assert done.releases["web"].plan.state.status == "done"  # type: ignore[union-attr]
+    stopped, _ = plans.guard_rollback(doc, "web", "guard: bad", {"criterion": "error_rate"})
+    rel = stopped.releases["web"]
+    assert rel.stage == "off" and rel.plan is not None and rel.plan.state.status == "stopped"
+    assert rel.rollback is not None and rel.rollback.evidence == {"criterion": "error_rate"}
+    with pytest.raises(ConfigError):
+        plans.guard_rollback(stopped, "web", "again", {})
+    aborted, _ = plans.abort(approved, "web", "no")
+    assert aborted.releases["web"].stage == "off"
+    assert aborted.releases["web"].plan.state.status == "aborted"  # type: ignore[union-attr]
+    paused, _ = plans.pause(approved, "web")
+    with pytest.raises(ConfigError):
+        plans.phase_passed(paused, "web", 700.0, "evidence")
+    resumed, _ = plans.resume(paused, "web", 800.0)
+    assert resumed.releases["web"].plan.state.phase_started_at == 800.0  # type: ignore[union-attr]
