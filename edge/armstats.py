@@ -14,10 +14,11 @@ Rules of this file:
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
 
 from flags.evaluate import ARM_CANARY, ARM_STABLE
-from flags.guard import HORIZONS_S, N_BUCKETS, ArmCounts, latency_bucket
+from flags.guard import EMPTY, HORIZONS_S, LATENCY_BOUNDS_MS, N_BUCKETS, ArmCounts
 
 RING_S = max(HORIZONS_S)
 
@@ -37,20 +38,45 @@ class Cell:
 
 
 class Series:
-    """The current cell and the last `RING_S` complete seconds of one (release, arm)."""
+    """The current cell, the last `RING_S` complete seconds of one (release, arm), and running
+    sums per horizon, kept up to date at each rotation (add the new second, subtract the one
+    that left the horizon), so reading every horizon costs no walk over the ring."""
 
-    __slots__ = ("current", "ring")
+    __slots__ = ("current", "ring", "sums")
 
     def __init__(self) -> None:
         self.current = Cell()
-        self.ring: deque[Cell] = deque(maxlen=RING_S)
+        self.ring: deque[Cell] = deque(maxlen=RING_S + 1)  # +1: the cell leaving the longest
+        self.sums: dict[int, Cell] = {h: Cell() for h in HORIZONS_S}
 
     def rotate(self) -> None:
-        self.ring.append(self.current)
+        cell = self.current
         self.current = Cell()
+        ring = self.ring
+        ring.append(cell)
+        for h, total in self.sums.items():
+            total.requests += cell.requests
+            total.errors += cell.errors
+            hist = total.histogram
+            if cell.requests:
+                for b, n in enumerate(cell.histogram):
+                    if n:
+                        hist[b] += n
+            if len(ring) > h:
+                old = ring[-h - 1]
+                total.requests -= old.requests
+                total.errors -= old.errors
+                if old.requests:
+                    for b, n in enumerate(old.histogram):
+                        if n:
+                            hist[b] -= n
+
+    def spans(self) -> dict[int, ArmCounts]:
+        """Sums of the last h complete seconds, for every horizon h."""
+        return {h: total.counts() for h, total in self.sums.items()}
 
     def last(self, seconds: int) -> ArmCounts:
-        """Sums of the last `seconds` complete seconds."""
+        """Sums of the last `seconds` complete seconds (a walk: for tests and the phase)."""
         requests = errors = 0
         histogram = [0] * N_BUCKETS
         ring = self.ring
@@ -80,7 +106,7 @@ class ArmStats:
         if status >= 500:
             cell.errors += 1
         if elapsed_s is not None:
-            cell.histogram[latency_bucket(elapsed_s)] += 1
+            cell.histogram[bisect_left(LATENCY_BOUNDS_MS, elapsed_s * 1000.0)] += 1
 
     def rotate(self) -> None:
         for series in self.series.values():
@@ -94,13 +120,9 @@ class ArmStats:
         """{horizon_s: (canary, stable)} over the complete seconds."""
         canary = self.series.get((release, ARM_CANARY))
         stable = self.series.get((release, ARM_STABLE))
-        out: dict[int, tuple[ArmCounts, ArmCounts]] = {}
-        for h in HORIZONS_S:
-            out[h] = (
-                canary.last(h) if canary is not None else ArmCounts(),
-                stable.last(h) if stable is not None else ArmCounts(),
-            )
-        return out
+        c = canary.spans() if canary is not None else {}
+        s = stable.spans() if stable is not None else {}
+        return {h: (c.get(h, EMPTY), s.get(h, EMPTY)) for h in HORIZONS_S}
 
     def reset(self, release: str) -> None:
         """Forget a release's history (its canary changed: old evidence is not about it)."""

@@ -237,3 +237,32 @@ def test_counts_round_trip_and_reject_garbage() -> None:
         except ValueError:
             continue
         raise AssertionError(f"accepted {bad!r}")
+
+
+@PROPERTIES
+@given(
+    seconds=st.lists(
+        st.lists(st.tuples(st.sampled_from([200, 404, 500, 502]), st.floats(0, 100)), max_size=5),
+        max_size=80,
+    )
+)
+def test_running_sums_equal_a_walk_over_the_ring(
+    seconds: list[list[tuple[int, float]]],
+) -> None:
+    """edge/armstats.py keeps per-horizon sums at rotation; they always equal the sums of a
+    walk over the last h complete seconds (requests, errors, every latency bucket)."""
+    stats = ArmStats()
+    stats.record("web", "stable", 200, 0.01)  # both series exist from the start
+    for second in seconds:
+        for status, latency in second:
+            stats.record("web", "canary", status, latency)
+        stats.rotate()
+    canary = stats.series[("web", "canary")] if ("web", "canary") in stats.series else None
+    for h, (c, _s) in stats.horizons("web").items():
+        expected = canary.last(h) if canary is not None else ArmCounts()
+        assert c == expected
+        assert (
+            c.errors == sum(1 for sec in seconds[-h:] for st_, _ in sec if st_ >= 500)
+            if seconds
+            else True
+        )
