@@ -36,10 +36,13 @@ def test_rollback_closes_canary_tunnels_with_1012(tmp_path: Path) -> None:
                 ws.send("close-4001")
                 with pytest.raises(Exception):  # noqa: B017 - ConnectionClosed subclasses
                     ws.recv(timeout=5)
-            edge = inst.context["edge"]
-            assert wait_until(
-                lambda: edge.metrics.arms.series[("web", "canary")].current.errors == 1
-            )
+            arms = inst.context["edge"].metrics.arms
+
+            def canary_errors() -> int:
+                series = arms.series.get(("web", "canary"))  # created by the tunnel's end
+                return 0 if series is None else series.current.errors + series.last(60).errors
+
+            assert wait_until(lambda: canary_errors() == 1)
             with ws_connect(url, additional_headers=headers, open_timeout=5) as ws:
                 assert ws.recv(timeout=5).startswith("hello from canary")
                 assert wait_until(lambda: open_tunnels(inst, "canary") == 1.0)
