@@ -191,6 +191,17 @@ class Guardian:
                 alone = judge(gross, windows_from(mine))
                 if alone.status == BREACH:
                     judgement, state.scope = alone, "local-catastrophic"
+            if judgement.status != state.judgement.status or not state.judgement.verdicts:
+                # The stream carries verdict *changes*, not one event per second.
+                self.events.publish(
+                    ev.GUARD_VERDICT,
+                    {
+                        "release": name,
+                        "verdict": judgement.status,
+                        "scope": state.scope,
+                        "summary": judgement.summary(),
+                    },
+                )
             state.judgement = judgement
             self.metrics.guard_verdicts[name] = judgement.status
             breaches = [

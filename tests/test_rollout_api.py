@@ -251,7 +251,7 @@ def test_cli_plan_status_and_maintenance(
 
     assert wait_until(shows_plan, timeout=10)
     assert main(["status", *common]) == 0
-    assert "web" in capsys.readouterr().out
+    assert "web: guard verdict" in capsys.readouterr().out  # one line per guarded release
     assert main(["maintenance", "on", "web", "--retry-after", "60", *common]) == 0
     assert "maintenance on for web" in capsys.readouterr().out
     assert main(["maintenance", "off", *common]) == 0

@@ -113,6 +113,23 @@ def print_health(view: dict[str, Any]) -> None:
         print(f"rolled back from {rollback.get('from_stage')}: {rollback.get('reason')}")
 
 
+def print_guard_lines(status: dict[str, Any]) -> None:
+    """One line per guarded release or running plan under `turnout status`."""
+    for view in status.get("releases", []):
+        plan = view.get("plan")
+        if not view.get("guarded") and not isinstance(plan, dict):
+            continue
+        line = f"{view.get('release')}: guard verdict {str(view.get('verdict')).upper()}"
+        if isinstance(plan, dict):
+            samples = plan.get("samples", {})
+            line += (
+                f"; plan {plan.get('status')} phase {plan.get('phase')}/{plan.get('phases')}, "
+                f"{plan.get('time_in_phase_s')} s in phase, samples canary "
+                f"{samples.get('canary')} / stable {samples.get('stable')}"
+            )
+        print(line)
+
+
 def register(commands: Any, client_command: Register) -> None:
     """Add `plan` and `maintenance`, and teach `status` an optional RELEASE."""
     plan = client_command("plan", "run a release's phase plan", cmd_plan, writes=True)
@@ -137,7 +154,13 @@ def register(commands: Any, client_command: Register) -> None:
 
     def cmd_status(client: Any, args: argparse.Namespace) -> int:
         if args.release is None:
-            return listing(client, args)
+            code = listing(client, args)
+            if code == EXIT_OK:
+                # 503/404: an admin API without a guard (or an older server): nothing to add.
+                status, data = client.send("GET", "/api/v1/status", ok_statuses=(200, 404, 503))
+                if status == 200 and isinstance(data, dict):
+                    print_guard_lines(data)
+            return code
         print_health(client.get(f"/api/v1/releases/{_quote(args.release)}/health"))
         return EXIT_OK
 
