@@ -81,6 +81,7 @@ class ReleaseState:
     phase_stable: ArmCounts = field(default_factory=ArmCounts)
     fleet_phase: tuple[ArmCounts, ArmCounts] | None = None
     held: bool = False
+    windows: dict[int, tuple[ArmCounts, ArmCounts]] = field(default_factory=dict)
 
 
 class Guardian:
@@ -185,7 +186,8 @@ class Guardian:
             mine = local.get(name, {})
             horizons = fleet.get(name) if fleet is not None else None
             state.scope = "fleet" if horizons is not None else "local"
-            judgement = judge(criteria, windows_from(horizons if horizons is not None else mine))
+            state.windows = horizons if horizons is not None else mine
+            judgement = judge(criteria, windows_from(state.windows))
             gross = _catastrophic(criteria)
             if gross is not None and horizons is not None and mine and judgement.status != BREACH:
                 alone = judge(gross, windows_from(mine))
@@ -457,7 +459,8 @@ class Guardian:
             return None
         state = self.releases.get(name)
         windows = {}
-        for h, (c, s) in self.arms.horizons(name).items():
+        judged = state.windows if state is not None and state.windows else None
+        for h, (c, s) in (judged or self.arms.horizons(name)).items():
             windows[str(h)] = {"canary": _figures(c), "stable": _figures(s)}
         judgement = state.judgement if state is not None else Judgement()
         criteria = effective_criteria(release)
