@@ -1,10 +1,12 @@
 """Fleet-wide arm statistics: each instance publishes its window counts, the guard sums them.
 
 Rules of this file:
-* One small write per instance per second: `SET {prefix}:armstats:{instance} <json> PX ttl`.
+* One small write per instance per second: `SET {prefix}:armstats:{instance} <json> PX ttl`
+  (and `SADD` of the instance to the index set, in the same pipeline).
   An instance that stops (or loses Redis) simply expires, so a dead instance's traffic leaves
   the fleet's sums within `ttl_ms` and nothing needs cleaning up.
-* Reading is `SCAN MATCH {prefix}:armstats:*` + `MGET`: one round trip per hundred instances.
+* Reading is `SMEMBERS {prefix}:armstats-instances` + `MGET` (never a SCAN over the store's
+  keys); members whose key expired are removed from the set as they are found.
 * Every Redis failure is a `StoreUnavailable` (the store's own error type); the caller then
   judges its own traffic alone. Entries that do not parse are skipped, never trusted.
 * The payload is JSON (`orjson`): {"instance": id, "releases": {name: {"h": {"2": [canary,
@@ -23,7 +25,6 @@ from flags.errors import StoreUnavailable
 
 DEFAULT_TTL_MS = 3000
 FLEET_CALL_TIMEOUT_S = 0.5
-SCAN_COUNT = 100
 
 
 class FleetStats(Protocol):
@@ -39,31 +40,40 @@ class RedisFleetStats:
 
     def __init__(self, client: Any, prefix: str, *, ttl_ms: int = DEFAULT_TTL_MS) -> None:
         self.client = client
-        self.pattern = f"{prefix}:armstats:*"
         self.prefix = f"{prefix}:armstats:"
+        self.index = f"{prefix}:armstats-instances"
         self.ttl_ms = ttl_ms
 
     async def publish(self, instance: str, payload: dict[str, Any]) -> None:
         data = orjson.dumps(payload)
         try:
             async with asyncio.timeout(FLEET_CALL_TIMEOUT_S):
-                await self.client.set(self.prefix + instance, data, px=self.ttl_ms)
-        except (TimeoutError, OSError, ConnectionError) as exc:
-            raise StoreUnavailable(f"fleet stats publish: {exc!r}") from None
+                pipe = self.client.pipeline(transaction=False)
+                pipe.set(self.prefix + instance, data, px=self.ttl_ms)
+                pipe.sadd(self.index, instance)
+                await pipe.execute()
         except Exception as exc:  # noqa: BLE001 - redis errors, mapped at this boundary
             raise StoreUnavailable(f"fleet stats publish: {exc!r}") from None
 
     async def gather(self) -> list[dict[str, Any]]:
         try:
             async with asyncio.timeout(FLEET_CALL_TIMEOUT_S):
-                keys = [key async for key in self.client.scan_iter(self.pattern, count=SCAN_COUNT)]
-                values = await self.client.mget(keys) if keys else []
+                members = sorted(
+                    m.decode() if isinstance(m, bytes) else str(m)
+                    for m in await self.client.smembers(self.index)
+                )
+                values = (
+                    await self.client.mget([self.prefix + m for m in members]) if members else []
+                )
+                gone = [m for m, raw in zip(members, values, strict=True) if raw is None]
+                if gone:  # expired: that instance stopped publishing (it re-adds itself if back)
+                    await self.client.srem(self.index, *gone)
         except Exception as exc:  # noqa: BLE001 - redis errors, mapped at this boundary
             raise StoreUnavailable(f"fleet stats read: {exc!r}") from None
         out: list[dict[str, Any]] = []
         for raw in values:
             if raw is None:
-                continue  # expired between SCAN and MGET
+                continue
             try:
                 entry = orjson.loads(raw)
             except orjson.JSONDecodeError:
