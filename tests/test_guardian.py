@@ -366,3 +366,28 @@ async def test_instance_acts_alone_on_a_catastrophic_breach(tmp_path: Path) -> N
         finally:
             for w in watchers:
                 await w.stop()
+
+
+@run_async
+async def test_sustained_breach_waits_on_the_driven_clock(
+    file_store: FileStore, tmp_path: Path
+) -> None:
+    """With `sustained_s: 3` a breach rolls back only once it has held for 3 s of the
+    guard's clock (driven here), not at the first breaching tick."""
+    doc = release_doc(STABLE, CANARY, stage="beta", guard={"sustained_s": 3.0})
+    watcher = await setup(file_store, tmp_path, doc)
+    metrics = EdgeMetrics()
+    clock = Clock()
+    guard = Guardian(store=file_store, watcher=watcher, metrics=metrics, clock=clock)
+    try:
+        for second in range(3):
+            traffic(metrics, canary_errors=50)
+            await guard.tick()
+            assert guard.rollbacks == 0, f"rolled back after {second} s"
+            clock.now += 1
+        traffic(metrics, canary_errors=50)
+        await guard.tick()
+        assert guard.rollbacks == 1
+        assert (await file_store.history())[0].actor == ACTOR_GUARD
+    finally:
+        await watcher.stop()
