@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -101,6 +101,23 @@ class Settings(BaseSettings):
         if not value or any(c in value for c in ' \t\r\n:;,="') or not value.isascii():
             raise ValueError("must be a header/cookie name token")
         return value
+
+    @field_validator("webhook_urls")
+    @classmethod
+    def _webhook_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not url.startswith(("http://", "https://")) or len(url) > 2048:
+                raise ValueError(f"webhook URLs must be http:// or https:// URLs, got {url!r}")
+        return urls
+
+    @model_validator(mode="after")
+    def _webhook_secret(self) -> Settings:
+        # Receivers must be able to tell our events from forgeries (issue #10: signed).
+        if self.webhook_urls and (
+            self.webhook_secret is None or not self.webhook_secret.get_secret_value()
+        ):
+            raise ValueError("webhook_secret is required when webhook_urls are set")
+        return self
 
     @field_validator("unit_header", "email_header")
     @classmethod

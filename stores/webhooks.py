@@ -78,11 +78,8 @@ class Notifier:
     def from_settings(cls, settings: Settings) -> Notifier | None:
         if not settings.webhook_urls:
             return None
+        # Settings refuse webhook_urls without a secret, so every delivery is signed.
         secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""
-        if not secret:
-            log.warning(
-                "webhook_urls set without webhook_secret: deliveries are unsigned-key HMACs"
-            )
         return cls(
             settings.webhook_urls,
             secret.encode(),

@@ -256,3 +256,20 @@ def test_cli_plan_status_and_maintenance(
     assert "maintenance on for web" in capsys.readouterr().out
     assert main(["maintenance", "off", *common]) == 0
     assert "maintenance off for everything" in capsys.readouterr().out
+
+
+def test_webhook_settings_are_checked() -> None:
+    """webhook_urls need http(s) URLs and a webhook_secret (every delivery is signed); the
+    error names the setting."""
+    from pydantic import ValidationError
+
+    from stores.settings import Settings
+
+    with pytest.raises(ValidationError, match="webhook_secret is required"):
+        Settings(webhook_urls=["https://hooks.example/turnout"])
+    with pytest.raises(ValidationError, match="webhook_urls"):
+        Settings(webhook_urls=["ftp://hooks.example"], webhook_secret="s")
+    ok = Settings(webhook_urls=["https://hooks.example/turnout"], webhook_secret="s")
+    notifier = Notifier.from_settings(ok)
+    assert notifier is not None and notifier.secret == b"s"
+    assert Notifier.from_settings(Settings()) is None
