@@ -9,7 +9,8 @@ Rules of this file:
   when stable fails as much as the canary (a shared dependency is down), L rises with it and
   the relative criteria do not fire; the absolute ones still do, on purpose.
 * The test is Wald's sequential probability ratio test (SPRT), run on several horizons (the
-  last 2, 5, 10, 30 and 60 seconds): H0 "the bad share is L" against H1 "it is 2L" (capped).
+  last 2, 5, 10, 30 and 60 seconds): H0 "the bad share is L" against H1 "it is 2L" (capped),
+  and beside it against "5L" for gross failures (each at alpha/2, see `_test`).
   The log-likelihood ratio of k bad among n is  k ln(p1/p0) + (n-k) ln((1-p1)/(1-p0)).
   It crosses A = ln(1/alpha) -> breach; it falls under B = ln(beta) -> pass; in between ->
   insufficient data (hold, never fail). Why the SPRT: a small canary is never failed on
@@ -45,7 +46,8 @@ HORIZONS_S: tuple[int, ...] = (2, 5, 10, 30, 60)
 
 SPRT_ALPHA = 1e-6
 SPRT_BETA = 1e-2
-SPRT_ACCEPT = math.log(1 / SPRT_ALPHA)  # ~13.8: breach
+SPRT_ACCEPT = math.log(1 / SPRT_ALPHA)  # ~13.8: breach (one test)
+SPRT_ACCEPT_EITHER = math.log(2 / SPRT_ALPHA)  # ~14.5: breach, either of the two tests
 SPRT_REJECT = math.log(SPRT_BETA)  # ~-4.6: pass
 STABLE_BOUND_Z = 3.0  # stable's rate is taken at its upper ~99.9 % Wilson bound
 
@@ -235,15 +237,25 @@ def wilson_upper(k: int, n: int, z: float = STABLE_BOUND_Z) -> float:
     return min(1.0, (centre + spread) / denom)
 
 
+def gross_alternative(limit: float) -> float:
+    """A second H1 for gross failures: five times L, never past three quarters to 1."""
+    return min(5 * limit, limit + 3 * (1 - limit) / 4)
+
+
 def _test(bad: float, n: int, limit: float) -> tuple[str, float]:
+    """Two SPRTs side by side, each at alpha/2 (Bonferroni): against 2L, which catches a
+    canary that is a little worse, and against 5L, which catches a gross failure about twice
+    as fast. A pass needs the 2L test to accept H0 (the nearer alternative is ruled out)."""
     if limit >= 1:
         return PASS, -math.inf  # nothing can be worse than everything
     p0 = max(limit, 1e-6)
-    llr = sprt_llr(bad, n, p0, alternative(p0))
-    if llr >= SPRT_ACCEPT:
+    near = sprt_llr(bad, n, p0, alternative(p0))
+    gross = sprt_llr(bad, n, p0, gross_alternative(p0))
+    llr = max(near, gross)
+    if llr >= SPRT_ACCEPT_EITHER:
         return BREACH, llr
-    if llr <= SPRT_REJECT:
-        return PASS, llr
+    if near <= SPRT_REJECT:
+        return PASS, near
     return INSUFFICIENT, llr
 
 
