@@ -12,9 +12,12 @@ and set `cookie_secret` explicitly, or every worker shares the generated one in 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from edge.app import Edge
+from edge.guardian import Guardian
+from stores.fleetstats import fleet_stats_for
 from stores.settings import Settings, load_settings
 from stores.watch import ConfigWatcher
 from turnout.server import make_store, seed_store
@@ -29,6 +32,7 @@ class WorkerApp:
         self.settings = settings
         self.edge: Edge | None = None
         self.watcher: ConfigWatcher | None = None
+        self.guardian: Guardian | None = None
 
     async def startup(self) -> None:
         settings = self.settings
@@ -43,8 +47,21 @@ class WorkerApp:
         )
         await self.watcher.start()
         self.edge = Edge(settings, self.watcher, None)
+        # Each worker judges like an instance (issue #10): on Redis, with the fleet's sums.
+        self.guardian = Guardian(
+            store=store,
+            watcher=self.watcher,
+            metrics=self.edge.metrics,
+            fleet=fleet_stats_for(store),
+            instance_id=f"{settings.instance_id or 'worker'}-{os.getpid()}",
+            interval_s=settings.guard_interval_s,
+        )
+        if settings.guard_enabled:
+            self.guardian.start()
 
     async def shutdown(self) -> None:
+        if self.guardian is not None:
+            await self.guardian.stop()
         if self.watcher is not None:
             await self.watcher.stop()
         if self.edge is not None:
