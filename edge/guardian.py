@@ -112,13 +112,12 @@ class Guardian:
         self.fleet_ok = False
         self.rollbacks = 0
         self._task: asyncio.Task[None] | None = None
-        self._previous: Snapshot | None = None
+        self._previous: Snapshot | None = watcher.snapshot
         watcher.listeners.append(self._on_config)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._previous = self.watcher.snapshot
         self._task = asyncio.get_running_loop().create_task(self._run(), name="turnout-guard")
 
     async def stop(self) -> None:

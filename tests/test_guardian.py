@@ -391,3 +391,35 @@ async def test_sustained_breach_waits_on_the_driven_clock(
         assert (await file_store.history())[0].actor == ACTOR_GUARD
     finally:
         await watcher.stop()
+
+
+@run_async
+async def test_old_evidence_is_forgotten_when_the_release_comes_back(
+    file_store: FileStore, tmp_path: Path
+) -> None:
+    """After a rollback, moving the release forward again drops the old windows: the next
+    tick, with healthy traffic, does not roll the new canary back on the old failures."""
+    watcher = await setup(file_store, tmp_path, guarded_doc())
+    metrics = EdgeMetrics()
+    guard = Guardian(store=file_store, watcher=watcher, metrics=metrics, clock=Clock())
+    try:
+        traffic(metrics, canary_errors=50)
+        await guard.tick()
+        assert guard.rollbacks == 1
+        latest = await file_store.latest()
+        assert latest is not None
+        from flags.changes import set_stage
+
+        new, summary = set_stage(latest.document, "web", stage="beta")
+        watcher.offer(
+            await file_store.commit(
+                new, expected_version=latest.version, actor="ops", summary=summary
+            )
+        )
+        assert metrics.arms.horizons("web")[60][0].requests == 0
+        traffic(metrics, canary_errors=0)
+        await guard.tick()
+        assert guard.rollbacks == 1
+        assert (await file_store.history())[0].actor == "ops"
+    finally:
+        await watcher.stop()
