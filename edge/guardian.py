@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -64,6 +65,9 @@ STORE_CALL_TIMEOUT_S = 2.0
 COMMIT_ATTEMPTS = 3
 # An instance acts alone, in a fleet, when its own canary fails at least this badly.
 CATASTROPHIC_ERROR_RATE = 0.25  # the SPRT tests it against 50 %
+
+# Shown for "above the last latency bucket" where a finite number is needed (metrics).
+LATENCY_CEILING_MS = 60_000.0
 
 ACTOR_GUARD = "guard"
 ACTOR_PLAN = "plan"
@@ -205,6 +209,13 @@ class Guardian:
                 )
             state.judgement = judgement
             self.metrics.guard_verdicts[name] = judgement.status
+            for v in judgement.verdicts:
+                value = v.value
+                if v.criterion == "p99_ratio":  # the factor the threshold is compared with
+                    value = v.value / v.stable_value if v.stable_value else 0.0
+                if not math.isfinite(value):
+                    value = LATENCY_CEILING_MS
+                self.metrics.guard_criteria[(name, v.criterion)] = (value, v.threshold)
             breaches = [
                 v
                 for v in judgement.breaches

@@ -90,6 +90,8 @@ class EdgeMetrics:
         # (release, criterion) -> automatic rollbacks by the guard (issue #10)
         self.guard_rollbacks: dict[tuple[str, str], int] = {}
         self.guard_verdicts: dict[str, str] = {}  # release -> last verdict
+        # (release, criterion) -> (canary value, threshold): the numbers behind the verdict
+        self.guard_criteria: dict[tuple[str, str], tuple[float, float]] = {}
         self.plan_advances: dict[str, int] = {}
 
     def count(self, release: str, arm: str, status: int, elapsed_s: float | None = None) -> None:
@@ -176,6 +178,16 @@ class TurnoutCollector(Collector):
             for name in ("pass", "breach", "insufficient"):
                 verdict.add_metric([release, name], 1 if status == name else 0)
         yield verdict
+        criteria = GaugeMetricFamily(
+            "turnout_guard_criterion",
+            "Each guard criterion's current canary value and its threshold (rates as "
+            "fractions, latencies in ms, p99_ratio as a factor)",
+            labels=["release", "criterion", "kind"],
+        )
+        for (release, criterion), (current, limit) in sorted(m.guard_criteria.items()):
+            criteria.add_metric([release, criterion, "value"], current)
+            criteria.add_metric([release, criterion, "threshold"], limit)
+        yield criteria
         advances = CounterMetricFamily(
             "turnout_plan_advances",
             "Phase plan advances by release",

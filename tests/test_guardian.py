@@ -128,6 +128,8 @@ async def test_healthy_canary_is_left_alone(file_store: FileStore, tmp_path: Pat
             await guard.tick()
         assert len(await file_store.history()) == 1
         assert metrics.guard_verdicts["web"] == "pass"
+        value, threshold = metrics.guard_criteria[("web", "error_rate")]
+        assert threshold == 0.05 and 0 <= value < 0.05
         view = guard.health("web")
         assert view is not None and view["verdict"] == "pass"
         assert view["windows"]["10"]["canary"]["requests"] == 1000
