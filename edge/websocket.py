@@ -105,6 +105,12 @@ class WebSocketProxy:
             if rel is None:
                 await self._refuse(send, scope, 404, "no route for this host and path")
                 return
+            if rel.maintenance is not None and (
+                pipeline.maintenance_response(rel, scope["headers"], unit_raw, cookie, email_raw)
+                is not None
+            ):  # issue #10: maintenance holds upgrades too; the internal cohort passes
+                await self._refuse(send, scope, 503, rel.maintenance.message)
+                return
             target, set_cookie = pipeline.upstream_peer(rel, unit_raw, cookie, email_raw)
         except Reject as exc:
             await self._refuse(send, scope, exc.status, exc.message)

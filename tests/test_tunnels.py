@@ -61,3 +61,28 @@ def test_rollback_closes_canary_tunnels_with_1012(tmp_path: Path) -> None:
                 assert ws.recv(timeout=5).startswith("hello from stable")
         finally:
             inst.stop()
+
+
+def test_maintenance_refuses_upgrades_but_not_the_internal_cohort(tmp_path: Path) -> None:
+    """With maintenance on, a WebSocket upgrade is refused with 503; an internal user's
+    upgrade still reaches the upstream."""
+    with backends("stable", "canary") as up:
+        doc = release_doc(
+            up["stable"].url,
+            up["canary"].url,
+            stage="beta",
+            internal={"unit_ids": ["staff-1"]},
+            maintenance={"enabled": True},
+        )
+        inst = TurnoutInstance(tmp_path, seed=doc).start()
+        try:
+            url = f"ws://{LOOPBACK}:{inst.edge_port}/ws"
+            with pytest.raises(Exception) as info:
+                with ws_connect(url, additional_headers={"x-user-id": "u1"}, open_timeout=5):
+                    pass
+            assert "503" in str(info.value)
+            staff = {"x-user-id": "staff-1"}
+            with ws_connect(url, additional_headers=staff, open_timeout=5) as ws:
+                assert ws.recv(timeout=5).startswith("hello from canary")
+        finally:
+            inst.stop()
