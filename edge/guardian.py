@@ -180,6 +180,7 @@ class Guardian:
             self._accumulate_phase(name, document.releases.get(name))
         fleet = await self._exchange(local)
         for name, release in document.releases.items():
+            await asyncio.sleep(0)  # let requests run between releases (~0.25 ms of judging each)
             if release.stage == STAGE_OFF:
                 continue
             criteria = effective_criteria(release)
