@@ -108,6 +108,12 @@ class ArmStats:
         if elapsed_s is not None:
             cell.histogram[bisect_left(LATENCY_BOUNDS_MS, elapsed_s * 1000.0)] += 1
 
+    def add_error(self, release: str, arm: str) -> None:
+        """An error on a request already counted (a body cut off after a 2xx head)."""
+        series = self.series.get((release, arm))
+        if series is not None:
+            series.current.errors += 1
+
     def rotate(self) -> None:
         for series in self.series.values():
             series.rotate()

@@ -105,6 +105,10 @@ class EdgeMetrics:
     def error(self, release: str, arm: str, kind: str) -> None:
         key = (release, arm, kind)
         self.upstream_errors[key] = self.upstream_errors.get(key, 0) + 1
+        if kind == "midstream":
+            # The head was counted as a success; the client got a cut-off body: an error
+            # for the guard all the same (the request itself is already counted once).
+            self.arms.add_error(release, arm)
 
     def on_config_applied(self, snapshot: Snapshot, revision: Revision | None) -> None:
         if revision is not None:

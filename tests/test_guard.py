@@ -266,3 +266,16 @@ def test_running_sums_equal_a_walk_over_the_ring(
             if seconds
             else True
         )
+
+
+def test_a_body_cut_off_midstream_counts_as_an_error() -> None:
+    """A 200 whose body the upstream cut off (the pipeline reports kind "midstream") is one
+    request and one error in the guard's windows, not two requests."""
+    from edge.metrics import EdgeMetrics
+
+    metrics = EdgeMetrics()
+    metrics.count("web", "canary", 200, 0.01)
+    metrics.error("web", "canary", "midstream")
+    metrics.arms.rotate()
+    canary, _ = metrics.arms.horizons("web")[2]
+    assert (canary.requests, canary.errors) == (1, 1)
