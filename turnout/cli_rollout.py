@@ -28,13 +28,15 @@ def _written(data: Any) -> None:
     print(f"version {data.get('version')}: {data.get('summary', '')}")
 
 
-def _value(criterion: str, value: Any) -> str:
+def _value(criterion: str, value: Any, *, threshold: bool = False) -> str:
+    """A criterion's figure: rates in %, latencies in ms, the p99 ratio's threshold as a
+    factor (its canary and stable figures are their p99s, in ms)."""
     if not isinstance(value, (int, float)):
         return "-"
     if criterion in ("error_rate", "error_rate_increase"):
         return f"{value:.2%}"
-    if criterion == "p99_ratio":
-        return f"{value:g}x" if value < 1000 else f"{value:g}"
+    if criterion == "p99_ratio" and threshold:
+        return f"{value:g}x"
     return f"{value:g} ms"
 
 
@@ -105,7 +107,8 @@ def print_health(view: dict[str, Any]) -> None:
             name = str(c.get("criterion"))
             print(
                 f"{name:<20} {str(c.get('status')):<13} {_value(name, c.get('canary_value')):>10}  "
-                f"{_value(name, c.get('stable_value')):>10}  {_value(name, c.get('threshold')):>10}  "
+                f"{_value(name, c.get('stable_value')):>10}  "
+                f"{_value(name, c.get('threshold'), threshold=True):>10}  "
                 f"{c.get('window_s'):>4} s  {c.get('canary_samples')}"
             )
     rollback = view.get("rollback")
