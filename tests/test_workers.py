@@ -396,3 +396,81 @@ def test_absolute_form_target_host_is_used_with_one_or_two_workers(
     assert status == 200
     echoed = dict(orjson.loads(body)["headers"])
     assert "example.test:81" in (echoed.get("host"), echoed.get("x-forwarded-host"))
+
+
+def test_workers_exit_when_their_supervisor_is_killed(
+    tmp_path: Path, up: dict[str, ThreadedServer]
+) -> None:
+    """SIGKILL of the supervisor (no chance to clean up): each worker sees its control socket
+    close and exits by itself instead of serving on unsupervised."""
+    with serving(tmp_path, up) as proc:
+        pids = proc.worker_pids()
+        proc.signal(signal.SIGKILL)
+        assert proc.proc is not None
+        proc.proc.wait(10)
+        assert all(wait_until(lambda pid=pid: process_gone(pid), 20) for pid in pids)
+        assert "supervisor gone" in proc.log_text()
+
+
+# -- pure parts: backoff and the sum of snapshots -------------------------------------------
+
+
+def test_restart_delay_grows_with_consecutive_short_runs_and_is_capped() -> None:
+    """0 s after a stable run, then 0.5, 1, 2, ... s, never above the 30 s cap."""
+    from turnout.workers import RESTART_BACKOFF_MAX_S, restart_delay
+
+    assert [restart_delay(n) for n in range(5)] == [0.0, 0.5, 1.0, 2.0, 4.0]
+    assert restart_delay(50) == RESTART_BACKOFF_MAX_S
+
+
+def test_summed_counters_never_go_backwards_when_a_worker_is_replaced() -> None:
+    """Two workers' snapshots sum; when worker 1 dies its last counts are folded into the
+    retired total, so a fresh worker 1 starting from zero does not lower the instance's sum."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from edge.metrics import EdgeMetrics
+    from edge.metricsnapshot import (
+        WatcherView,
+        WorkerSetCollector,
+        WorkerSetState,
+        fold,
+        take_snapshot,
+    )
+
+    watcher = WatcherView(
+        {
+            "version": 3,
+            "age_seconds": 0.5,
+            "connected": True,
+            "stale": False,
+            "pending_override": False,
+            "failover_reloads": 0,
+            "rejected": {"invalid": 1},
+        }
+    )
+
+    def snapshot(n: int) -> dict[str, Any]:
+        metrics = EdgeMetrics()
+        for _ in range(n):
+            metrics.count("web", "stable", 200)
+        metrics.upstream_latency["stable"].observe(0.002)
+        return take_snapshot(metrics, watcher)
+
+    state = WorkerSetState(workers=2, live={1: snapshot(5), 2: snapshot(7)})
+    registry = CollectorRegistry()
+    registry.register(WorkerSetCollector(state))
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert value("turnout_requests_total", release="web", arm="stable", status_class="2xx") == 12
+    assert value("turnout_upstream_latency_seconds_count", arm="stable") == 2
+    assert value("turnout_config_rejected_total", reason="invalid") == 2
+    assert value("turnout_config_version", worker="2") == 3
+    state.retired = fold(state.retired, state.live.pop(1))  # worker 1 died
+    state.live[1] = snapshot(0)  # and came back empty
+    state.restarts[1] = 1
+    assert value("turnout_requests_total", release="web", arm="stable", status_class="2xx") == 12
+    assert value("turnout_worker_requests_total", worker="1") == 0
+    assert value("turnout_worker_restarts_total", worker="1") == 1
+    assert b'turnout_worker_up{worker="1"} 1.0' in generate_latest(registry)
