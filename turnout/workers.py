@@ -204,6 +204,9 @@ class Supervisor:
             started = time.monotonic()
             returncode = await w.wait()
             if self.stopping.is_set():
+                log.info(
+                    "worker %d (pid %s) stopped (%s)", w.number, w.pid, describe_exit(returncode)
+                )
                 return
             failures = 0 if time.monotonic() - started >= STABLE_RUN_S else failures + 1
             delay = restart_delay(failures)
