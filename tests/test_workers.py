@@ -22,7 +22,7 @@ import pytest
 
 from stores.settings import Settings
 from tests.harness import ThreadedServer, backends, release_doc, wait_until
-from tests.serveproc import LOOPBACK, ROOT, ServeProcess, connection_owner
+from tests.serveproc import LOOPBACK, ROOT, ServeProcess, children, connection_owner, free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -474,3 +474,43 @@ def test_summed_counters_never_go_backwards_when_a_worker_is_replaced() -> None:
     assert value("turnout_worker_requests_total", worker="1") == 0
     assert value("turnout_worker_restarts_total", worker="1") == 1
     assert b'turnout_worker_up{worker="1"} 1.0' in generate_latest(registry)
+
+
+def test_process_layout_matches_the_workers_setting(
+    sweep_instance: tuple[ServeProcess, dict[str, ThreadedServer]],
+) -> None:
+    """workers: 1 is one process with no children (edge and admin in-process, as documented);
+    workers: 2 is a supervisor with exactly two `turnout.edgeworker` children."""
+    proc, _ = sweep_instance
+    kids = children(proc.pid)
+    if proc.workers == 1:
+        assert kids == []
+    else:
+        assert len(kids) == 2
+        for pid in kids:
+            assert b"turnout.edgeworker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def test_an_edge_port_in_use_is_refused_in_one_line(tmp_path: Path) -> None:
+    """--workers 2 on a port another socket listens on exits 1 with one line naming the
+    address, and starts no worker."""
+    with socket.socket() as taken:
+        taken.bind((LOOPBACK, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "turnout.cli", "serve", "--workers", "2"],
+            cwd=tmp_path,
+            capture_output=True,
+            timeout=60,
+            env={
+                **os.environ,
+                "PYTHONPATH": str(ROOT),
+                "TURNOUT_EDGE_PORT": str(port),
+                "TURNOUT_ADMIN_PORT": str(free_port()),
+                "TURNOUT_STATE_DIR": str(tmp_path / "state"),
+            },
+        )
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 1
+    assert lines == [f"turnout: cannot listen on {LOOPBACK}:{port}: Address already in use"]
