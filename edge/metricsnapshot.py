@@ -8,6 +8,7 @@ scrapes. Counters and histograms add up; gauges (the watcher's state) stay per w
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -55,6 +56,7 @@ def take_snapshot(metrics: EdgeMetrics, watcher: WatcherState) -> Snapshot:
         "watcher": {
             "version": watcher.version,
             "age_seconds": watcher.age_seconds(),
+            "taken_at": time.time(),  # the reader ages `age_seconds` by the time since
             "connected": bool(watcher.connected),
             "stale": bool(watcher.stale),
             "pending_override": bool(watcher.pending_override),
@@ -106,6 +108,7 @@ class WatcherView:
     def __init__(self, state: dict[str, Any]) -> None:
         self.version = int(state["version"])
         self._age = float(state["age_seconds"])
+        self._taken_at = float(state.get("taken_at", 0.0))
         self.connected = bool(state["connected"])
         self.stale = bool(state["stale"])
         self.pending_override = bool(state["pending_override"])
@@ -113,7 +116,11 @@ class WatcherView:
         self.rejected: dict[str, int] = {str(k): int(v) for k, v in state["rejected"].items()}
 
     def age_seconds(self) -> float:
-        return self._age
+        """The age as the worker saw it, plus the time since it said so (a snapshot may be up
+        to a push interval old when scraped)."""
+        if not self._taken_at:
+            return self._age
+        return self._age + max(0.0, time.time() - self._taken_at)
 
 
 def as_watcher(snapshot: Snapshot) -> ConfigWatcher:

@@ -103,6 +103,9 @@ class WorkerProcess:
                 pass_fds=(child.fileno(),),
                 cwd=sup.cwd,
             )
+        except BaseException:
+            parent.close()
+            raise
         finally:
             child.close()
         assert self.proc.stdin is not None
@@ -226,6 +229,8 @@ class Supervisor:
                 await w.start()
             except OSError as exc:
                 log.error("worker %d: cannot start: %s", w.number, exc)
+            if self.stopping.is_set():  # the drain began while this one was starting
+                w.signal(signal.SIGTERM)
 
     async def drain(self) -> None:
         """SIGTERM every worker, wait up to DRAIN_DEADLINE_S, SIGKILL the rest."""
