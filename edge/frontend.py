@@ -639,8 +639,10 @@ class EdgeServer:
         graceful_timeout_s: float = 10.0,
         backlog: int = 4096,
         ws_config: Any = None,
+        sock: Any = None,
     ) -> None:
         self.pipeline = pipeline
+        self.sock = sock  # a socket bound beforehand (edge/listener.py), e.g. SO_REUSEPORT
         self.host = host
         self.port = port
         self.keepalive_timeout_s = keepalive_timeout_s
@@ -673,13 +675,18 @@ class EdgeServer:
 
     async def serve(self) -> None:
         self.loop = asyncio.get_running_loop()
-        server = await self.loop.create_server(
-            lambda: EdgeConnection(self),
-            self.host,
-            self.port,
-            backlog=self.backlog,
-            reuse_address=True,
-        )
+        if self.sock is not None:
+            server = await self.loop.create_server(
+                lambda: EdgeConnection(self), sock=self.sock, backlog=self.backlog
+            )
+        else:
+            server = await self.loop.create_server(
+                lambda: EdgeConnection(self),
+                self.host,
+                self.port,
+                backlog=self.backlog,
+                reuse_address=True,
+            )
         self.sockets = list(server.sockets)
         self.started = True
         try:

@@ -7,6 +7,7 @@ environment.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+
+MAX_WORKERS = 256  # far above any core count we run on; a typo like 4000 is refused
 
 
 class Settings(BaseSettings):
@@ -39,6 +42,9 @@ class Settings(BaseSettings):
     client_keepalive_timeout_s: float = Field(default=5.0, gt=0, le=3600)
     client_header_timeout_s: float = Field(default=10.0, gt=0, le=3600)
     client_idle_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    # Edge processes sharing the edge port (SO_REUSEPORT), as nginx's `worker_processes`:
+    # a number, or "auto" for one per core. 1 runs the edge inside the main process.
+    workers: int | Literal["auto"] = 1
 
     # Where this instance keeps its own files: the embedded store (unless `store` says
     # otherwise), the bootstrap copy, and generated secrets (admin token, cookie secret).
@@ -78,6 +84,28 @@ class Settings(BaseSettings):
     max_request_body_bytes: int = Field(default=100 * 1024 * 1024, ge=0)
 
     log_level: str = "info"
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> int | str:
+        # One line naming the setting, whatever the source (YAML, TURNOUT_WORKERS, --workers).
+        if isinstance(value, str):
+            value = value.strip().lower()
+            if value == "auto":
+                return "auto"
+            if not value.isdigit():
+                raise ValueError(f'must be a whole number from 1 to {MAX_WORKERS} or "auto"')
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+            raise ValueError(f'must be a whole number from 1 to {MAX_WORKERS} or "auto"')
+        return int(value)
+
+    @property
+    def worker_count(self) -> int:
+        """`workers` resolved: "auto" is the number of cores this process may run on."""
+        if self.workers == "auto":
+            return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+        return self.workers
 
     @field_validator("unit_header", "email_header", "unit_cookie")
     @classmethod

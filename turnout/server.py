@@ -229,4 +229,9 @@ def run(settings: Settings) -> None:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     install_event_loop_policy()
-    asyncio.run(serve(settings))
+    if settings.worker_count > 1:  # a supervisor and N edge processes (turnout/workers.py)
+        from turnout.workers import supervise
+
+        asyncio.run(supervise(settings))
+        return
+    asyncio.run(serve(settings))  # workers: 1 -> edge and admin in this one process
