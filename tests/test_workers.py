@@ -378,24 +378,20 @@ def test_bad_input_gets_the_same_answer_with_one_or_two_workers(
     assert upstream_count(up) == before + started + 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="absolute-form targets are refused (400) by the front-end today; issue #9 point 3 "
-    "(branch edge) makes the target's host win (RFC 9112 §3.2.2)",
-)
-def test_absolute_form_target_host_is_used_with_one_or_two_workers(
+def test_absolute_form_target_is_refused_with_one_or_two_workers(
     sweep_instance: tuple[ServeProcess, dict[str, ThreadedServer]],
 ) -> None:
-    """`GET http://example.test:81/x` with `Host: other` is forwarded with example.test:81 as
-    the host, in worker mode as in one process (RFC 9112 §3.2.2)."""
-    proc, _ = sweep_instance
-    status, _, body = exchange(
+    """`GET http://example.test:81/x` is refused with 400 and never reaches an upstream, in
+    worker mode as in one process: Turnout is a reverse proxy, so only origin-form targets
+    route (HARDENING.md §2.4; under uvicorn the authority was silently dropped instead)."""
+    proc, servers = sweep_instance
+    before = upstream_count(servers)
+    status, _, _ = exchange(
         proc.edge_port,
         b"GET http://example.test:81/x HTTP/1.1\r\nHost: other\r\nConnection: close\r\n\r\n",
     )
-    assert status == 200
-    echoed = dict(orjson.loads(body)["headers"])
-    assert "example.test:81" in (echoed.get("host"), echoed.get("x-forwarded-host"))
+    assert status == 400
+    assert upstream_count(servers) == before
 
 
 def test_workers_exit_when_their_supervisor_is_killed(
