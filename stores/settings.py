@@ -8,7 +8,7 @@ environment.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -16,6 +16,13 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
+)
+
+from flags.errors import ConfigError
+
+EDGE_SERVER_REMOVED = (
+    "edge_server was removed: the edge always runs its own HTTP server; "
+    "use workers: N for more cores"
 )
 
 
@@ -30,9 +37,9 @@ class Settings(BaseSettings):
     admin_host: str = "127.0.0.1"
     admin_port: int = Field(default=8081, ge=0, le=65535)
     admin_token: SecretStr | None = None
-    # The edge's HTTP/1.1 server: "turnout" (edge/frontend.py, no ASGI) or "uvicorn" (the
-    # same pipeline behind the ASGI adapter, uvicorn's httptools protocol).
-    edge_server: Literal["turnout", "uvicorn"] = "turnout"
+    # Removed (issue #9): kept only so that setting it fails at start-up with a message
+    # naming the replacement instead of being ignored (environment) or refused unexplained.
+    edge_server: str | None = Field(default=None, exclude=True)
     # Client-side deadlines of the edge (HARDENING §2.7): an idle keep-alive connection is
     # closed; a request head must be complete this long after its first byte (else 408); a
     # request body or a full send buffer may stall this long (else 408 / abort).
@@ -78,6 +85,15 @@ class Settings(BaseSettings):
     max_request_body_bytes: int = Field(default=100 * 1024 * 1024, ge=0)
 
     log_level: str = "info"
+
+    @field_validator("edge_server")
+    @classmethod
+    def _removed_edge_server(cls, value: str | None) -> None:
+        if value is not None:
+            # ConfigError, not ValueError: pydantic passes it through unwrapped, so the
+            # operator reads one line instead of a validation report.
+            raise ConfigError("", EDGE_SERVER_REMOVED)
+        return None
 
     @field_validator("unit_header", "email_header", "unit_cookie")
     @classmethod
