@@ -6,12 +6,12 @@ Rules of this file
   ``httptools.HttpResponseParser`` that lives as long as the connection (replaced only after a
   response to HEAD, whose body length llhttp cannot be told to ignore). At most one request is
   in flight per connection: no pipelining.
-* Framing of a response (RFC 9112 §6.1, §6.3): exactly one ``Transfer-Encoding`` field whose
-  value is exactly ``chunked``, or at most one valid ``Content-Length``, or neither (then the
-  body runs to EOF and the connection is not reused, §6.3 item 8). Both together, any other
-  transfer coding, or conflicting / duplicate lengths are rejected (``ProtocolError``)
-  and the connection is closed: a proxy must never forward or reuse a desynchronised stream
-  (§6.3 items 3-5, §11.2).
+* Framing of a response is edge/framing.py's ``response_framing`` (RFC 9112 §6.1, §6.3):
+  exactly one ``Transfer-Encoding`` field whose value is exactly ``chunked``, or at most one
+  valid ``Content-Length``, or neither (then the body runs to EOF and the connection is not
+  reused, §6.3 item 8). Both together, any other transfer coding, or conflicting / duplicate
+  lengths are rejected (``ProtocolError``) and the connection is closed: a proxy must never
+  forward or reuse a desynchronised stream (§6.3 items 3-5, §11.2).
 * Responses to HEAD, 1xx, 204 and 304 never have a body (§6.3 items 1-2). 100 and 103 are
   interim and skipped (RFC 9110 §15.2); 101 and any other 1xx, and a status outside 200-599,
   are errors. Only HTTP/1.0 and HTTP/1.1 status lines are accepted (§2.3).
@@ -55,6 +55,7 @@ from edge.errors import (
     UpstreamTimeout,
     WriteTimeout,
 )
+from edge.framing import CONTENT_LENGTH, NO_BODY, UNTIL_CLOSE, FramingError, response_framing
 
 __all__ = ["Timeouts", "UpstreamPool", "UpstreamResponse"]
 
@@ -471,27 +472,27 @@ class _Conn(asyncio.Protocol):
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
             self._reject(f"unsupported HTTP version {version} from upstream")
-        te = self._te
-        cl = self._cl
-        # RFC 9112 §6.1: only "chunked" alone is understood; TE with CL is a desync vector.
-        if te is not None and (
-            self._te_n > 1 or cl is not None or te.strip().lower() != b"chunked"
-        ):
-            self._reject("invalid Transfer-Encoding from upstream")
+        try:
+            framing, length = response_framing(
+                status,
+                self._cl,
+                self._te,
+                transfer_encodings=self._te_n,
+                head=self._is_head,
+            )
+        except FramingError as exc:
+            self._reject(f"{exc.message} from upstream")
         resp.status = status
         resp.http_version = version
         self._keep_alive = parser.should_keep_alive()
         self._headers_done = True
-        if self._is_head or status == 204 or status == 304:
+        if framing == NO_BODY:
             resp.has_body = False
-        else:
-            if cl is not None:
-                if not cl.isdigit() or len(cl) > 18:  # llhttp already checked; keep a bound
-                    self._reject("invalid Content-Length from upstream")
-                resp.body_length = int(cl)
-            elif te is None:
-                self._eof_body = True  # close-delimited (RFC 9112 §6.3 item 8)
-                self._keep_alive = False
+        elif framing == CONTENT_LENGTH:
+            resp.body_length = length
+        elif framing == UNTIL_CLOSE:
+            self._eof_body = True  # close-delimited (RFC 9112 §6.3 item 8)
+            self._keep_alive = False
         if self._on_deadline is ReadTimeout:
             self._deadline = 0.0
         fut = self._head_fut
