@@ -11,8 +11,6 @@ test, alone. Setups:
   B  nginx proxy       nginx 1 worker, split_clients on X-User-Id, 10 % canary, keepalive 64
   C  turnout           Turnout (its own HTTP/1.1 server, edge/frontend.py, on uvloop; 1 process),
                        stage beta = 10 %
-  D  turnout, uvicorn  with --uvicorn: the same Turnout with `edge_server: uvicorn` (the same
-                       pipeline behind the ASGI adapter, uvicorn httptools), for comparison
 
 Each round runs every setup once (the order rotates per round) with
 `wrk -t1 -c64 -d<duration>s --latency` and then `wrk -t1 -c1 -d<duration>s --latency`; the
@@ -418,9 +416,9 @@ class Bench:
         self.nginx_proxy_proc = p
         return port
 
-    def start_turnout(self, edge_server: str = "turnout") -> tuple[int, int]:
+    def start_turnout(self) -> tuple[int, int]:
         edge_port, admin_port = free_port(), free_port()
-        state = self.tmp / f"turnout-state-{edge_server}"
+        state = self.tmp / "turnout-state"
         state.mkdir()
         settings = {
             "state_dir": str(state),
@@ -433,9 +431,8 @@ class Bench:
             "admin_token": ADMIN_TOKEN,
             "cookie_secret": COOKIE_SECRET,
             "expose_decision_headers": True,
-            "edge_server": edge_server,
         }
-        log = self.tmp / f"turnout-{edge_server}.log"
+        log = self.tmp / "turnout.log"
         argv = [
             "taskset",
             "-c",
@@ -445,7 +442,7 @@ class Bench:
             TURNOUT_BOOT.format(root=str(ROOT)),
             json.dumps(settings),
         ]
-        p = self.procs.start(f"turnout-{edge_server}", argv, log, cwd=str(self.tmp))
+        p = self.procs.start("turnout", argv, log, cwd=str(self.tmp))
         self.turnout_proc = p
         wait_http(f"http://{LOOPBACK}:{admin_port}/readyz", 30, p, log)
         wait_http(f"http://{LOOPBACK}:{edge_port}/", 10, p, log)
@@ -536,13 +533,6 @@ class Bench:
             ),
             Setup("C", "turnout (1 process)", edge_port, lambda: [tp.pid], lambda: [tp.pid]),
         ]
-        if a.uvicorn:
-            uv_port, _ = self.start_turnout("uvicorn")
-            up = self.turnout_proc
-            assert up is not None
-            setups.append(
-                Setup("D", "turnout on uvicorn", uv_port, lambda: [up.pid], lambda: [up.pid])
-            )
         print(
             f"upstreams :{self.stable_port} (stable, {STABLE_BODY} B) :{self.canary_port} (canary, {CANARY_BODY} B); "
             f"nginx proxy :{nginx_port}; turnout edge :{edge_port}",
@@ -683,7 +673,7 @@ class Bench:
                 line += "  (expected 0: direct to stable)"
             elif s.key == "B":
                 line += f"  (split_clients {CANARY_PERCENT:g} %, MurmurHash2 of the id)"
-            elif s.key in ("C", "D") and expected is not None:
+            elif s.key == "C" and expected is not None:
                 ok = abs(ca / total - expected) < 0.01 if total else False
                 line += (
                     f"  (contract for ids 0..{ID_SPACE - 1}: {expected:.2%}) "
@@ -697,7 +687,7 @@ class Bench:
         a = self.args
         print(f"temp dir {self.tmp}; python {PYTHON}", flush=True)
         self.start_upstreams()
-        edge_port, _admin = self.start_turnout("uvicorn" if a.uvicorn else "turnout")
+        edge_port, _admin = self.start_turnout()
         tp = self.turnout_proc
         assert tp is not None
         conns = a.profile_connections
@@ -836,8 +826,6 @@ class Bench:
         def component(frame: str) -> str:
             if frame.startswith("Runner.run ("):
                 return "uvloop C code (loop, recv, epoll)"
-            if "uvicorn/" in frame:
-                return "uvicorn (server, ASGI send/receive)"
             m = re.search(r"\(" + re.escape(str(ROOT)) + r"/([a-z_]+/[a-z_]+)\.py", frame)
             if m:
                 return m.group(1) + ".py"
@@ -982,12 +970,6 @@ def main() -> int:
         "other jobs on a shared machine disturb the figures less (default 0: off)",
     )
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
-    ap.add_argument(
-        "--uvicorn",
-        action="store_true",
-        help="also run setup D, Turnout with edge_server=uvicorn (with --profile: profile that "
-        "one instead)",
-    )
     args = ap.parse_args()
     if args.quick:
         args.runs, args.duration, args.warmup = 1, 3.0, 1.0
