@@ -14,8 +14,8 @@ Rules of this file:
   (row 29-30), and every wait on the client has a deadline (§2.7, rows 33-34): the head must
   be complete within `header_timeout_s` of its first byte (else 408), a started body and a
   full send buffer may stall for at most `idle_timeout_s`, and an idle keep-alive connection is
-  closed after `keepalive_timeout_s`. The deadlines share one lazily re-armed timer per
-  connection: moving a deadline is one float assignment.
+  closed after `keepalive_timeout_s`. The deadlines share one `Deadline` per connection
+  (edge/deadline.py, shared with the upstream pool): moving one is one float assignment.
 * Response framing is re-derived here (edge/framing.py `outgoing_framing`): `Content-Length`
   when the pipeline gives one, else chunked for HTTP/1.1 and close-delimited for HTTP/1.0
   (RFC 9112 §6.1, HARDENING §2.10); no body for HEAD, 1xx, 204 and 304. A connection whose
@@ -41,6 +41,7 @@ from typing import Any
 import httptools
 
 from edge.context import RequestContext
+from edge.deadline import Deadline
 from edge.framing import CHUNKED, CONTENT_LENGTH, NO_BODY, UNTIL_CLOSE, outgoing_framing
 from edge.pipeline import MAX_HEADER_BYTES, MAX_HEADERS, ClientGone, Pipeline
 from edge.tunnel import CLOSE_GOING_AWAY
@@ -266,9 +267,8 @@ class EdgeConnection(asyncio.Protocol):
         self.reading_paused = False
         self.write_paused = False
         self.drain_waiter: asyncio.Future[None] | None = None
-        self.deadline = 0.0
-        self.deadline_kind = _NONE
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = Deadline(self.loop, self._expired)
+        self.deadline_kind = _NONE  # what expiry means; _NONE: ignore the deadline
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -283,9 +283,7 @@ class EdgeConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.gone = True
         self.server.connections.discard(self)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline.cancel()
         on_gone = self.on_gone
         if on_gone is not None:
             self.on_gone = None
@@ -537,22 +535,12 @@ class EdgeConnection(asyncio.Protocol):
             seconds = server.header_timeout_s
         else:
             seconds = server.idle_timeout_s
-        deadline = self.deadline = self.loop.time() + seconds
         self.deadline_kind = kind
-        timer = self.timer
-        if timer is None:
-            self.timer = self.loop.call_at(deadline, self._on_timer)
-        elif deadline < timer.when():  # a shorter deadline than the pending one: move it
-            timer.cancel()
-            self.timer = self.loop.call_at(deadline, self._on_timer)
+        self.deadline.arm(seconds)
 
-    def _on_timer(self) -> None:
-        self.timer = None
+    def _expired(self) -> None:
         kind = self.deadline_kind
         if kind == _NONE or self.gone:
-            return
-        if self.loop.time() < self.deadline:
-            self.timer = self.loop.call_at(self.deadline, self._on_timer)
             return
         self.deadline_kind = _NONE
         if kind == _IDLE:
@@ -627,9 +615,7 @@ class EdgeConnection(asyncio.Protocol):
         self.closed = True
         self.active = None
         self.server.connections.discard(self)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline.cancel()
         return self.transport
 
 

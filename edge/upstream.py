@@ -28,8 +28,8 @@ Rules of this file
 * Pool slots: a request holds one slot from acquisition until ``release()``/``abort()`` (or
   until it fails); every await point frees it on cancellation.
 * Hot path budget: one ``transport.write`` for the head (and a small body), one future, one
-  response object and one header list per request. Timeouts use one lazily re-armed
-  ``call_at`` handle per connection instead of ``asyncio.wait_for``.
+  response object and one header list per request. Timeouts use one ``Deadline`` per
+  connection (edge/deadline.py, shared with the front-end) instead of ``asyncio.wait_for``.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from typing import NoReturn, cast
 
 import httptools
 
+from edge.deadline import Deadline
 from edge.errors import (
     ClosedBeforeResponse,
     ConnectError,
@@ -62,7 +63,6 @@ __all__ = ["Timeouts", "UpstreamPool", "UpstreamResponse"]
 HIGH_WATER = 256 * 1024  # pause reading when this many body bytes wait for the caller
 MAX_HEAD = 100 * 1024  # a response head (with interim responses) larger than this is refused
 _SMALL_BODY = 64 * 1024  # bodies up to this size are copied into the head's write
-_CLOCK_SLACK = 0.001
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +134,7 @@ class UpstreamResponse:
                 raise
             finally:
                 c._body_waiter = None
-                c._deadline = 0.0
+                c._deadline.when = 0.0  # clear(), inlined: once per body wait
         return self.take()
 
     def take(self) -> bytes:
@@ -203,8 +203,6 @@ class _Conn(asyncio.Protocol):
         "_resp",
         "_te",
         "_te_n",
-        "_timer",
-        "_timer_at",
         "_transport",
         "_write_paused",
     )
@@ -239,10 +237,8 @@ class _Conn(asyncio.Protocol):
         self._closed = False
         self._nreq = 0
         self._idle_since = 0.0
-        self._deadline = 0.0
+        self._deadline = Deadline(loop, self._expired)
         self._on_deadline: type[UpstreamTimeout] = ReadTimeout
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
 
     # -- request side ---------------------------------------------------------------------
 
@@ -271,7 +267,8 @@ class _Conn(asyncio.Protocol):
         else:
             transport.writelines((head, body))
         if not streamed:
-            self._arm(self._pool._read_s, ReadTimeout)
+            self._on_deadline = ReadTimeout  # _arm(), inlined: once per request
+            self._deadline.arm(self._pool._read_s)
         return resp
 
     async def _send_body(self, body: AsyncIterator[bytes], chunked: bool) -> None:
@@ -309,36 +306,21 @@ class _Conn(asyncio.Protocol):
             await waiter
         finally:
             self._drain_waiter = None
-            self._deadline = 0.0
+            self._deadline.clear()
         if self._exc is not None:
             raise self._exc
 
     # -- timers -----------------------------------------------------------------------------
 
     def _arm(self, delay: float, on_deadline: type[UpstreamTimeout]) -> None:
-        """Set the deadline; the handle is only (re)scheduled when it would fire too late."""
-        self._deadline = deadline = self._loop.time() + delay
-        self._on_deadline = on_deadline
-        timer = self._timer
-        if timer is None or deadline < self._timer_at:
-            if self._closed:
-                return
-            if timer is not None:
-                timer.cancel()
-            self._timer_at = deadline
-            self._timer = self._loop.call_at(deadline, self._on_timer)
+        """Fail with `on_deadline` unless progress re-arms or clears it within `delay`."""
+        if not self._closed:
+            self._on_deadline = on_deadline
+            self._deadline.arm(delay)
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        deadline = self._deadline
-        if not deadline or self._closed:
-            return
-        if deadline - self._loop.time() > _CLOCK_SLACK:
-            self._timer_at = deadline
-            self._timer = self._loop.call_at(deadline, self._on_timer)
-            return
-        self._deadline = 0.0
-        self._fail(self._on_deadline("upstream timed out"))
+    def _expired(self) -> None:
+        if not self._closed:
+            self._fail(self._on_deadline("upstream timed out"))
 
     # -- state changes ----------------------------------------------------------------------
 
@@ -356,15 +338,13 @@ class _Conn(asyncio.Protocol):
     def _close(self) -> None:
         if not self._closed:
             self._closed = True
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+            self._deadline.cancel()
             if self._transport is not None:
                 self._transport.abort()
 
     def _complete(self) -> None:
         self._msg_done = True
-        self._deadline = 0.0
+        self._deadline.when = 0.0  # clear(), inlined: once per response
         resp = self._resp
         if resp is not None:
             resp.complete = True
@@ -410,9 +390,7 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline.cancel()
         self._pool._lost(self)
         if self._resp is not None and not self._msg_done and self._exc is None:
             if self._headers_done:
@@ -494,7 +472,7 @@ class _Conn(asyncio.Protocol):
             self._eof_body = True  # close-delimited (RFC 9112 §6.3 item 8)
             self._keep_alive = False
         if self._on_deadline is ReadTimeout:
-            self._deadline = 0.0
+            self._deadline.when = 0.0  # clear(), inlined: the head arrived
         fut = self._head_fut
         if fut is not None and not fut.done():
             fut.set_result(None)
