@@ -151,6 +151,8 @@ class _UpstreamSide(asyncio.Protocol):
             tunnel.to_client(data)
             return
         if self.done.done():
+            if self.answer.status == 101:
+                self.answer.tunnel_bytes += data  # before the tunnel is joined: keep them
             return  # bytes after a refused upgrade's answer: the connection is closed anyway
         try:
             self.parser.feed_data(data)

@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     @field_validator("unit_header", "email_header")
     @classmethod
     def _lower(cls, value: str) -> str:
-        return value.lower()  # ASGI header names arrive lower-cased
+        return value.lower()  # the front-end lower-cases header names (edge/frontend.py)
 
     @classmethod
     def settings_customise_sources(
