@@ -5,6 +5,8 @@ given code through the registry."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import socket
 import threading
 from collections.abc import Iterator
@@ -208,3 +210,74 @@ def test_close_frame_layout() -> None:
     assert masked[0] == 0x88 and masked[1] == 0x80 | 9
     mask, payload = masked[2:6], masked[6:]
     assert bytes(b ^ mask[i % 4] for i, b in enumerate(payload)) == b"\x03\xf4restart"
+
+
+class ScriptedWebSocketUpstream:
+    """A raw upstream that accepts one WebSocket handshake (RFC 6455 §4.2.2) and then records
+    every byte until the edge closes the connection."""
+
+    GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server((LOOPBACK, 0))
+        self.port = self.sock.getsockname()[1]
+        self.after_handshake = b""
+        self.saw_eof = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn:
+            conn.settimeout(10)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(65536)
+            head, _, rest = head.partition(b"\r\n\r\n")
+            key = next(
+                line.split(b":", 1)[1].strip()
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"sec-websocket-key:")
+            )
+            # SHA-1 is what RFC 6455 §4.2.2 prescribes for the accept key, not a security choice.
+            digest = hashlib.sha1(key + self.GUID, usedforsecurity=False).digest()
+            accept = base64.b64encode(digest)
+            conn.sendall(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+            )
+            self.after_handshake = rest
+            try:
+                while chunk := conn.recv(65536):
+                    self.after_handshake += chunk
+                self.saw_eof.set()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+        self.thread.join(5)
+
+
+def test_client_close_frame_and_hang_up_reach_the_upstream_byte_for_byte(tmp_path: Path) -> None:
+    """Bytes after the 101 are relayed unparsed (a close frame arrives exactly as sent), and the
+    client hanging up closes the upstream connection and unregisters the tunnel."""
+    upstream = ScriptedWebSocketUpstream()
+    url = f"http://{LOOPBACK}:{upstream.port}"
+    instance = TurnoutInstance(tmp_path / "s", seed=release_doc(url, url, stage="off")).start()
+    try:
+        frame = close_frame(1000, "done", masked=True)
+        with socket.create_connection((LOOPBACK, instance.edge_port), timeout=10) as s:
+            s.sendall(HANDSHAKE)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += s.recv(65536)
+            assert head.startswith(b"HTTP/1.1 101 "), head
+            assert b"sec-websocket-accept: " in head.lower()
+            s.sendall(frame)
+            assert wait_until(lambda: upstream.after_handshake == frame, 10)
+        assert upstream.saw_eof.wait(10)
+        assert wait_until(lambda: open_tunnels(instance) == 0, 10)
+    finally:
+        instance.stop()
+        upstream.close()
