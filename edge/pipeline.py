@@ -230,6 +230,7 @@ class Pipeline:
         self.pools = pools
         self.metrics = metrics
         self.tunnels = TunnelRegistry()
+        metrics.open_tunnels = self.tunnels.counts
         self.kinds = dict(_REQUEST_KINDS)
         self.kinds[unit_header.encode("ascii")] = _UNIT
         self.kinds[email_header.encode("ascii")] = _EMAIL

@@ -414,6 +414,10 @@ class TunnelRegistry:
             if not tunnels:
                 del self._open[key]
 
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Open tunnels per (release, arm), for the metrics scrape."""
+        return {key: len(tunnels) for key, tunnels in self._open.items()}
+
     def count(self, release: str | None = None, arm: str | None = None) -> int:
         """Open tunnels, of one release (and arm) or all."""
         return sum(

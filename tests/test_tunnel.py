@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
@@ -59,12 +60,17 @@ def test_bytes_flow_both_ways_and_the_tunnel_is_registered(inst: TurnoutInstance
     with ws_connect(url, additional_headers={"x-user-id": "bob"}, max_size=None) as ws:
         assert ws.recv(timeout=5) == "hello from stable arm=stable"
         assert open_tunnels(inst) == 1
+        scrape = httpx.get(inst.admin_url + "/metrics", timeout=10).text
+        assert 'turnout_websocket_tunnels_open{arm="stable",release="web"} 1.0' in scrape
         ws.send(big)
         assert ws.recv(timeout=20) == big
         ws.send("ping")
         assert ws.recv(timeout=5) == "stable: ping"
     assert wait_until(lambda: open_tunnels(inst) == 0, 10)
     assert pipeline_of(inst).metrics.websockets == {("web", "stable"): 1}
+    scrape = httpx.get(inst.admin_url + "/metrics", timeout=10).text
+    assert "turnout_websocket_tunnels_open{" not in scrape
+    assert 'turnout_websocket_sessions_total{arm="stable",release="web"} 1.0' in scrape
 
 
 def test_edge_closes_open_tunnels_with_1001_on_shutdown(inst: TurnoutInstance) -> None:
