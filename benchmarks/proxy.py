@@ -17,8 +17,6 @@ test, alone. Setups:
                        processes on one SO_REUSEPORT port); CPU counted for all of them.
                        Printed beside C: RPS and µs CPU per request (target: within 10 %
                        of one process's), and the canary share against the contract
-  D  turnout, uvicorn  with --uvicorn: the same Turnout with `edge_server: uvicorn` (the same
-                       pipeline behind the ASGI adapter, uvicorn httptools), for comparison
 
 Each round runs every setup once (the order rotates per round) with
 `wrk -t1 -c64 -d<duration>s --latency` and then `wrk -t1 -c1 -d<duration>s --latency`; the
@@ -429,9 +427,9 @@ class Bench:
             self.nginx_proxy_proc = p
         return port, p
 
-    def start_turnout(self, edge_server: str = "turnout", workers: int = 1) -> tuple[int, int]:
+    def start_turnout(self, workers: int = 1) -> tuple[int, int]:
         edge_port, admin_port = free_port(), free_port()
-        tag = edge_server if workers == 1 else f"{edge_server}-{workers}w"
+        tag = "turnout" if workers == 1 else f"turnout-{workers}w"
         state = self.tmp / f"turnout-state-{tag}"
         state.mkdir()
         settings = {
@@ -445,7 +443,6 @@ class Bench:
             "admin_token": ADMIN_TOKEN,
             "cookie_secret": COOKIE_SECRET,
             "expose_decision_headers": True,
-            "edge_server": edge_server,
             "workers": workers,
         }
         log = self.tmp / f"turnout-{tag}.log"
@@ -458,7 +455,7 @@ class Bench:
             TURNOUT_BOOT.format(root=str(ROOT)),
             json.dumps(settings),
         ]
-        p = self.procs.start(f"turnout-{tag}", argv, log, cwd=str(self.tmp))
+        p = self.procs.start(tag, argv, log, cwd=str(self.tmp))
         self.turnout_proc = p
         wait_http(f"http://{LOOPBACK}:{admin_port}/readyz", 30, p, log)
         wait_http(f"http://{LOOPBACK}:{edge_port}/", 10, p, log)
@@ -578,13 +575,6 @@ class Bench:
                     lambda: [tn.pid, *children(tn.pid)],
                 ),
             ]
-        if a.uvicorn:
-            uv_port, _ = self.start_turnout("uvicorn")
-            up = self.turnout_proc
-            assert up is not None
-            setups.append(
-                Setup("D", "turnout on uvicorn", uv_port, lambda: [up.pid], lambda: [up.pid])
-            )
         print(
             f"upstreams :{self.stable_port} (stable, {STABLE_BODY} B) :{self.canary_port} (canary, {CANARY_BODY} B); "
             f"nginx proxy :{nginx_port}; turnout edge :{edge_port}",
@@ -747,7 +737,7 @@ class Bench:
                 line += f"  (split_clients {CANARY_PERCENT:g} %, MurmurHash2 of the id)"
             elif s.key == "E":
                 line += "  (split_clients, as B)"
-            elif s.key in ("C", "D", "F") and expected is not None:
+            elif s.key in ("C", "F") and expected is not None:
                 ok = abs(ca / total - expected) < 0.01 if total else False
                 line += (
                     f"  (contract for ids 0..{ID_SPACE - 1}: {expected:.2%}) "
@@ -761,7 +751,7 @@ class Bench:
         a = self.args
         print(f"temp dir {self.tmp}; python {PYTHON}", flush=True)
         self.start_upstreams()
-        edge_port, _admin = self.start_turnout("uvicorn" if a.uvicorn else "turnout")
+        edge_port, _admin = self.start_turnout()
         tp = self.turnout_proc
         assert tp is not None
         conns = a.profile_connections
@@ -900,8 +890,6 @@ class Bench:
         def component(frame: str) -> str:
             if frame.startswith("Runner.run ("):
                 return "uvloop C code (loop, recv, epoll)"
-            if "uvicorn/" in frame:
-                return "uvicorn (server, ASGI send/receive)"
             m = re.search(r"\(" + re.escape(str(ROOT)) + r"/([a-z_]+/[a-z_]+)\.py", frame)
             if m:
                 return m.group(1) + ".py"
@@ -1053,12 +1041,6 @@ def main() -> int:
         metavar="N",
         help="also run E (nginx, N workers) and F (turnout --workers N) on both cores; "
         "0 or 1 skips them (default 2)",
-    )
-    ap.add_argument(
-        "--uvicorn",
-        action="store_true",
-        help="also run setup D, Turnout with edge_server=uvicorn (with --profile: profile that "
-        "one instead)",
     )
     args = ap.parse_args()
     if args.quick:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client.core import (
@@ -82,6 +82,8 @@ class EdgeMetrics:
         }
         self.upstream_errors: dict[tuple[str, str, str], int] = {}
         self.websockets: dict[tuple[str, str], int] = {}
+        # Open WebSocket tunnels by (release, arm), read at scrape time (edge/tunnel.py).
+        self.open_tunnels: Callable[[], dict[tuple[str, str], int]] = dict
         self.apply_lag = Histogram(LAG_BUCKETS_S)
 
     def count(self, release: str, arm: str, status: int) -> None:
@@ -140,6 +142,14 @@ class TurnoutCollector(Collector):
         for (release, arm), value in sorted(m.websockets.items()):
             ws.add_metric([release, arm], value)
         yield ws
+        tunnels = GaugeMetricFamily(
+            "turnout_websocket_tunnels_open",
+            "Open WebSocket tunnels by release and arm",
+            labels=["release", "arm"],
+        )
+        for (release, arm), value in sorted(m.open_tunnels().items()):
+            tunnels.add_metric([release, arm], value)
+        yield tunnels
         yield GaugeMetricFamily(
             "turnout_config_version", "Applied configuration version", value=w.version
         )

@@ -19,7 +19,14 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from flags.errors import ConfigError
+
 MAX_WORKERS = 256  # far above any core count we run on; a typo like 4000 is refused
+
+EDGE_SERVER_REMOVED = (
+    "edge_server was removed: the edge always runs its own HTTP server; "
+    "use workers: N for more cores"
+)
 
 
 class Settings(BaseSettings):
@@ -33,9 +40,9 @@ class Settings(BaseSettings):
     admin_host: str = "127.0.0.1"
     admin_port: int = Field(default=8081, ge=0, le=65535)
     admin_token: SecretStr | None = None
-    # The edge's HTTP/1.1 server: "turnout" (edge/frontend.py, no ASGI) or "uvicorn" (the
-    # same pipeline behind the ASGI adapter, uvicorn's httptools protocol).
-    edge_server: Literal["turnout", "uvicorn"] = "turnout"
+    # Removed (issue #9): kept only so that setting it fails at start-up with a message
+    # naming the replacement instead of being ignored (environment) or refused unexplained.
+    edge_server: str | None = Field(default=None, exclude=True)
     # Client-side deadlines of the edge (HARDENING §2.7): an idle keep-alive connection is
     # closed; a request head must be complete this long after its first byte (else 408); a
     # request body or a full send buffer may stall this long (else 408 / abort).
@@ -107,6 +114,15 @@ class Settings(BaseSettings):
             return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
         return self.workers
 
+    @field_validator("edge_server")
+    @classmethod
+    def _removed_edge_server(cls, value: str | None) -> None:
+        if value is not None:
+            # ConfigError, not ValueError: pydantic passes it through unwrapped, so the
+            # operator reads one line instead of a validation report.
+            raise ConfigError("", EDGE_SERVER_REMOVED)
+        return None
+
     @field_validator("unit_header", "email_header", "unit_cookie")
     @classmethod
     def _token(cls, value: str) -> str:
@@ -118,7 +134,7 @@ class Settings(BaseSettings):
     @field_validator("unit_header", "email_header")
     @classmethod
     def _lower(cls, value: str) -> str:
-        return value.lower()  # ASGI header names arrive lower-cased
+        return value.lower()  # the front-end lower-cases header names (edge/frontend.py)
 
     @classmethod
     def settings_customise_sources(

@@ -372,6 +372,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = load_settings(args.config, **overrides)
     except ValidationError as exc:
         raise UsageError(f"invalid settings: {describe_invalid(exc)}") from None
+    except ConfigError as exc:  # a removed setting names its replacement in one line
+        raise UsageError(f"invalid settings: {exc}") from None
     # Imported by name at run time: the CLI's other commands (and its type check) must not
     # depend on the data plane's modules.
     run: Callable[[Settings], None] = importlib.import_module("turnout.server").run
