@@ -48,7 +48,8 @@ from tests.redisproc import LOCALHOST, free_port  # noqa: E402
 
 TOKEN = "connections-admin-token-0123456789"
 COOKIE_SECRET = "connections-cookie-secret-0123456789"
-TARGET_RSS_MB = 80.0
+TARGET_RSS_MB = 80.0  # decimal megabytes, as the issue states it (80 MB = 76.3 MiB)
+MB_PER_MIB = 1.048576
 PROBES = 200
 BATCH = 200  # connections opened concurrently
 FD_MARGIN = 512  # descriptors beyond the held connections (upstream pool, files, probes)
@@ -216,12 +217,13 @@ async def measure(pid: int, port: int, steps: list[int], deadline: float) -> int
     )
     final_rss = rows[-1][1] if rows else float("nan")
     reached = rows[-1][0] if rows else 0
+    final_mb = final_rss * MB_PER_MIB
     verdict = (
-        "PASS" if reached >= steps[-1] and final_rss <= TARGET_RSS_MB and not errors else "MISS"
+        "PASS" if reached >= steps[-1] and final_mb <= TARGET_RSS_MB and not errors else "MISS"
     )
     print(
         f"target: RSS <= {TARGET_RSS_MB:g} MB at {steps[-1]:,} connections, no errors: {verdict} "
-        f"(RSS {final_rss:.1f} MiB at {reached:,})"
+        f"(RSS {final_mb:.1f} MB = {final_rss:.1f} MiB at {reached:,})"
     )
     return 0 if verdict == "PASS" else 1
 

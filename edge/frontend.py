@@ -54,6 +54,11 @@ MAX_URL_BYTES = 16 * 1024  # request target (nginx: large_client_header_buffers 
 MAX_RAW_HEAD_BYTES = 1024 * 1024  # bytes fed to the parser without a complete head: a hard net
 BODY_HIGH_WATER = 256 * 1024  # pause reading while this much request body waits for upstream
 
+# Above this many open client connections, an idle keep-alive connection releases its parser
+# until its next request (issue #9: 10,000 idle connections within 80 MB); below it, every
+# connection keeps its parser and pays nothing per request.
+PARSER_RELEASE_CONNECTIONS = 512
+
 # Deadline kinds of a connection.
 _NONE, _IDLE, _HEAD, _BODY, _SEND = range(5)
 
@@ -280,7 +285,7 @@ class EdgeConnection(asyncio.Protocol):
         self.pipeline = server.pipeline
         self.loop = server.loop
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser: Any = httptools.HttpRequestParser(self)  # None while idle (see response_done)
         self.client: tuple[str, int] | None = None
         self.gone = False  # connection_lost was called
         self.closed = False  # close() was called
@@ -331,8 +336,11 @@ class EdgeConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.input_closed:
             return
+        parser = self.parser
+        if parser is None:
+            parser = self.parser = httptools.HttpRequestParser(self)
         try:
-            self.parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self._upgrade(data[int(exc.args[0]) :] if exc.args else b"")
             return
@@ -502,7 +510,14 @@ class EdgeConnection(asyncio.Protocol):
         else:
             if self.reading_paused:
                 self.flow()
-            self.arm(_HEAD if self.in_head else _IDLE)
+            if self.in_head:
+                self.arm(_HEAD)
+            else:
+                self.arm(_IDLE)
+                if len(self.server.connections) > PARSER_RELEASE_CONNECTIONS:
+                    # Between requests a parser holds no state: many idle connections give
+                    # theirs back (1 KiB each) and make a new one (0.5 µs) on their next byte.
+                    self.parser = None
 
     def flow(self) -> None:
         """Pause reading while a pipelined request waits or a request body piles up."""

@@ -556,3 +556,48 @@ def test_graceful_shutdown_finishes_in_flight_and_closes_idle(
     assert not stopper.is_alive()
     with pytest.raises(OSError):
         socket.create_connection((LOOPBACK, inst.edge_port), timeout=2).close()
+
+
+# -- memory of idle connections ---------------------------------------------------------------------
+
+
+def test_idle_connections_give_back_their_parser_and_keep_working(
+    start: Callable[..., TurnoutInstance], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above PARSER_RELEASE_CONNECTIONS open connections an idle keep-alive connection drops its
+    parser between requests; its next requests (one at a time, then pipelined with a body) are
+    parsed by a fresh one and answered in order."""
+    import edge.frontend
+
+    monkeypatch.setattr(edge.frontend, "PARSER_RELEASE_CONNECTIONS", 0)
+    inst = start()
+    server = inst.context["servers"][0]
+    with Client(inst.edge_port) as client:
+        for n in range(3):
+            client.send(req(f"/seq{n}"))
+            response = client.response()
+            assert response.status == 200 and response.json()["path"] == f"/seq{n}"
+            (conn,) = server.connections
+            assert wait_until(lambda conn=conn: conn.parser is None, 5)
+        client.send(req("/a") + req("/b", "Content-Length: 3", method="POST")[:-4] + b"\r\n\r\nxyz")
+        first, second = client.response(), client.response()
+        assert (first.status, first.json()["path"]) == (200, "/a")
+        assert (second.status, second.json()["path"], second.json()["body_length"]) == (
+            200,
+            "/b",
+            3,
+        )
+
+
+def test_parsers_are_kept_below_the_release_threshold(edge: TurnoutInstance) -> None:
+    """With few connections (the default threshold), a keep-alive connection keeps its parser
+    between requests: nothing is rebuilt per request."""
+    server = edge.context["servers"][0]
+    with Client(edge.edge_port) as client:
+        client.send(req("/one"))
+        assert client.response().status == 200
+        (conn,) = server.connections
+        parser = conn.parser
+        client.send(req("/two"))
+        assert client.response().status == 200
+        assert conn.parser is parser
