@@ -732,7 +732,7 @@ class EdgeServer:
     async def serve(self) -> None:
         self.loop = asyncio.get_running_loop()
         if self.sock is not None:
-            server = await self.loop.create_server(
+            server: Any = await self.loop.create_server(
                 lambda: EdgeConnection(self), sock=self.sock, backlog=self.backlog
             )
         else:
@@ -743,6 +743,8 @@ class EdgeServer:
                 backlog=self.backlog,
                 reuse_address=True,
             )
+        # `server` is untyped on purpose: uvloop's `sockets` is a list where typeshed says
+        # tuple, and under mypyc a wrong stub is a run-time TypeError (PERF.md).
         self.sockets = list(server.sockets)
         self.started = True
         try:

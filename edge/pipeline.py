@@ -210,6 +210,39 @@ def _host_key(value: bytes) -> str:
     return host
 
 
+class BodyStream:
+    """The rest of a request body that did not arrive in one piece, read as it is sent on.
+
+    An async iterator class rather than an async generator: mypyc, which compiles this module
+    (scripts/compile), cannot compile async generators."""
+
+    __slots__ = ("downstream", "first", "total", "limit", "more")
+
+    def __init__(self, downstream: Downstream, first: bytes, limit: int) -> None:
+        self.downstream = downstream
+        self.first: bytes | None = first
+        self.total = len(first)
+        self.limit = limit
+        self.more = True
+
+    def __aiter__(self) -> BodyStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        first = self.first
+        if first is not None:
+            self.first = None
+            return first
+        while self.more:
+            data, self.more = await self.downstream.read_body()
+            self.total += len(data)
+            if self.total > self.limit:
+                raise Reject(413, "request body too large")
+            if data:
+                return data
+        raise StopAsyncIteration
+
+
 class Pipeline:
     """Everything a proxied request needs, built once; `handle` and `upgrade` run the phases."""
 
@@ -557,19 +590,7 @@ class Pipeline:
             if len(data) > self.max_body_bytes:
                 raise Reject(413, "request body too large")
             return data
-        return self._stream_body(downstream, data)
-
-    async def _stream_body(self, downstream: Downstream, first: bytes) -> AsyncIterator[bytes]:
-        total = len(first)
-        yield first
-        more = True
-        while more:
-            data, more = await downstream.read_body()
-            total += len(data)
-            if total > self.max_body_bytes:
-                raise Reject(413, "request body too large")
-            if data:
-                yield data
+        return BodyStream(downstream, data, self.max_body_bytes)
 
     async def forward(self, ctx: RequestContext, head: bytes, downstream: Downstream) -> None:
         """Send the request through the lean pool and relay the answer.
@@ -606,9 +627,9 @@ class Pipeline:
                     idempotent=method in IDEMPOTENT_METHODS,
                 )
                 break
-            except UpstreamError as exc:
-                failure = exc
-                if exc.sent:
+            except UpstreamError as error:  # one name per exception type: mypyc types `as` names
+                failure = error
+                if error.sent:
                     break
             except ClientGone:
                 return
@@ -694,8 +715,8 @@ class Pipeline:
                     connect_timeout_s=timeouts.connect_s,
                     read_timeout_s=timeouts.read_s,
                 )
-            except UpstreamError as exc:
-                status, message, ctx.error = classify(exc)
+            except UpstreamError as error:  # one name per exception type (mypyc)
+                status, message, ctx.error = classify(error)
                 await self._refuse(ctx, downstream, status, message, True)
                 return
             ctx.upstream_s = time.perf_counter() - started
