@@ -9,7 +9,8 @@ Rules of this file:
   swap between two requests: the edge runs on one event loop).
 * A request is counted from the response the client got: a 502/503/504 that Turnout made
   for a dead or slow canary is a canary error (`status >= 500`), and its latency is the time
-  the client waited for it.
+  the client waited for it; a body cut off mid-stream is an error of its one request
+  (`failed`). The pipeline records each exchange once, in its `logging` phase.
 """
 
 from __future__ import annotations
@@ -97,22 +98,23 @@ class ArmStats:
         self.series: dict[tuple[str, str], Series] = {}
         self.rotations = 0
 
-    def record(self, release: str, arm: str, status: int, elapsed_s: float | None) -> None:
+    def record(
+        self,
+        release: str,
+        arm: str,
+        status: int,
+        elapsed_s: float | None,
+        failed: bool = False,
+    ) -> None:
         series = self.series.get((release, arm))
         if series is None:
             series = self.series[(release, arm)] = Series()
         cell = series.current
         cell.requests += 1
-        if status >= 500:
+        if failed or status >= 500:
             cell.errors += 1
         if elapsed_s is not None:
             cell.histogram[bisect_left(LATENCY_BOUNDS_MS, elapsed_s * 1000.0)] += 1
-
-    def add_error(self, release: str, arm: str) -> None:
-        """An error on a request already counted (a body cut off after a 2xx head)."""
-        series = self.series.get((release, arm))
-        if series is not None:
-            series.current.errors += 1
 
     def rotate(self) -> None:
         for series in self.series.values():

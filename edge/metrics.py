@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client.core import (
@@ -84,7 +84,8 @@ class EdgeMetrics:
         }
         self.upstream_errors: dict[tuple[str, str, str], int] = {}
         self.websockets: dict[tuple[str, str], int] = {}
-        self.websockets_open: dict[tuple[str, str], int] = {}  # open tunnels now
+        # Open WebSocket tunnels by (release, arm), read at scrape time (edge/tunnel.py).
+        self.open_tunnels: Callable[[], dict[tuple[str, str], int]] = dict
         self.apply_lag = Histogram(LAG_BUCKETS_S)
         self.arms = ArmStats()  # the guard's rolling windows (edge/armstats.py)
         # (release, criterion) -> automatic rollbacks by the guard (issue #10)
@@ -94,21 +95,14 @@ class EdgeMetrics:
         self.guard_criteria: dict[tuple[str, str], tuple[float, float]] = {}
         self.plan_advances: dict[str, int] = {}
 
-    def count(self, release: str, arm: str, status: int, elapsed_s: float | None = None) -> None:
-        """A finished request, as the client got it; `elapsed_s` is the time to the response
-        head (or to Turnout's own error answer)."""
+    def count(self, release: str, arm: str, status: int) -> None:
         key = (release, arm, status // 100)
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
-        self.arms.record(release, arm, status, elapsed_s)
 
     def error(self, release: str, arm: str, kind: str) -> None:
         key = (release, arm, kind)
         self.upstream_errors[key] = self.upstream_errors.get(key, 0) + 1
-        if kind == "midstream":
-            # The head was counted as a success; the client got a cut-off body: an error
-            # for the guard all the same (the request itself is already counted once).
-            self.arms.add_error(release, arm)
 
     def on_config_applied(self, snapshot: Snapshot, revision: Revision | None) -> None:
         if revision is not None:
@@ -118,9 +112,10 @@ class EdgeMetrics:
 class TurnoutCollector(Collector):
     """Exports `EdgeMetrics` and the config watcher's state."""
 
-    def __init__(self, metrics: EdgeMetrics, watcher: ConfigWatcher) -> None:
+    def __init__(self, metrics: EdgeMetrics, watcher: ConfigWatcher, *, guard: bool = True) -> None:
         self.metrics = metrics
         self.watcher = watcher
+        self.guard = guard  # False where the guard's families come from elsewhere (workers)
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
         m, w = self.metrics, self.watcher
@@ -157,49 +152,16 @@ class TurnoutCollector(Collector):
         for (release, arm), value in sorted(m.websockets.items()):
             ws.add_metric([release, arm], value)
         yield ws
-        open_ws = GaugeMetricFamily(
-            "turnout_websocket_open",
+        tunnels = GaugeMetricFamily(
+            "turnout_websocket_tunnels_open",
             "Open WebSocket tunnels by release and arm",
             labels=["release", "arm"],
         )
-        for (release, arm), value in sorted(m.websockets_open.items()):
-            open_ws.add_metric([release, arm], value)
-        yield open_ws
-        rollbacks = CounterMetricFamily(
-            "turnout_guard_rollbacks",
-            "Automatic rollbacks by the guard, by release and criterion",
-            labels=["release", "criterion"],
-        )
-        for (release, criterion), value in sorted(m.guard_rollbacks.items()):
-            rollbacks.add_metric([release, criterion], value)
-        yield rollbacks
-        verdict = GaugeMetricFamily(
-            "turnout_guard_verdict",
-            "The guard's last verdict per release (1 for the verdict it is in)",
-            labels=["release", "verdict"],
-        )
-        for release, status in sorted(m.guard_verdicts.items()):
-            for name in ("pass", "breach", "insufficient"):
-                verdict.add_metric([release, name], 1 if status == name else 0)
-        yield verdict
-        criteria = GaugeMetricFamily(
-            "turnout_guard_criterion",
-            "Each guard criterion's current canary value and its threshold (rates as "
-            "fractions, latencies in ms, p99_ratio as a factor)",
-            labels=["release", "criterion", "kind"],
-        )
-        for (release, criterion), (current, limit) in sorted(m.guard_criteria.items()):
-            criteria.add_metric([release, criterion, "value"], current)
-            criteria.add_metric([release, criterion, "threshold"], limit)
-        yield criteria
-        advances = CounterMetricFamily(
-            "turnout_plan_advances",
-            "Phase plan advances by release",
-            labels=["release"],
-        )
-        for release, value in sorted(m.plan_advances.items()):
-            advances.add_metric([release], value)
-        yield advances
+        for (release, arm), value in sorted(m.open_tunnels().items()):
+            tunnels.add_metric([release, arm], value)
+        yield tunnels
+        if self.guard:
+            yield from guard_families(m)
         yield GaugeMetricFamily(
             "turnout_config_version", "Applied configuration version", value=w.version
         )
@@ -242,3 +204,43 @@ class TurnoutCollector(Collector):
         )
         lag.add_metric([], m.apply_lag.buckets(), m.apply_lag.total)
         yield lag
+
+
+def guard_families(m: EdgeMetrics) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    """The guard runner's and the phase plans' families (issue #10), from the `EdgeMetrics`
+    the runner writes: the edge's own in one process, the supervisor's with workers."""
+    rollbacks = CounterMetricFamily(
+        "turnout_guard_rollbacks",
+        "Automatic rollbacks by the guard, by release and criterion",
+        labels=["release", "criterion"],
+    )
+    for (release, criterion), value in sorted(m.guard_rollbacks.items()):
+        rollbacks.add_metric([release, criterion], value)
+    yield rollbacks
+    verdict = GaugeMetricFamily(
+        "turnout_guard_verdict",
+        "The guard's last verdict per release (1 for the verdict it is in)",
+        labels=["release", "verdict"],
+    )
+    for release, status in sorted(m.guard_verdicts.items()):
+        for name in ("pass", "breach", "insufficient"):
+            verdict.add_metric([release, name], 1 if status == name else 0)
+    yield verdict
+    criteria = GaugeMetricFamily(
+        "turnout_guard_criterion",
+        "Each guard criterion's current canary value and its threshold (rates as "
+        "fractions, latencies in ms, p99_ratio as a factor)",
+        labels=["release", "criterion", "kind"],
+    )
+    for (release, criterion), (current, limit) in sorted(m.guard_criteria.items()):
+        criteria.add_metric([release, criterion, "value"], current)
+        criteria.add_metric([release, criterion, "threshold"], limit)
+    yield criteria
+    advances = CounterMetricFamily(
+        "turnout_plan_advances",
+        "Phase plan advances by release",
+        labels=["release"],
+    )
+    for release, value in sorted(m.plan_advances.items()):
+        advances.add_metric([release], value)
+    yield advances

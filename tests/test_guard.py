@@ -270,12 +270,35 @@ def test_running_sums_equal_a_walk_over_the_ring(
 
 def test_a_body_cut_off_midstream_counts_as_an_error() -> None:
     """A 200 whose body the upstream cut off (the pipeline reports kind "midstream") is one
-    request and one error in the guard's windows, not two requests."""
-    from edge.metrics import EdgeMetrics
+    request and one error in the guard's windows, not two requests: the `logging` phase
+    records the finished exchange once."""
+    from edge.upstream import Timeouts
+    from tests.test_errors import context, make_pipeline
 
-    metrics = EdgeMetrics()
-    metrics.count("web", "canary", 200, 0.01)
-    metrics.error("web", "canary", "midstream")
+    pipeline = make_pipeline("http://127.0.0.1:9", Timeouts())
+    ctx = context()
+    pipeline.admit(ctx)
+    ctx.status, ctx.upstream_s, ctx.error = 200, 0.01, "midstream"
+    pipeline.logging(ctx)
+    metrics = pipeline.metrics
     metrics.arms.rotate()
-    canary, _ = metrics.arms.horizons("web")[2]
-    assert (canary.requests, canary.errors) == (1, 1)
+    _, stable = metrics.arms.horizons("web")[2]  # the release is off: the stable arm
+    assert (stable.requests, stable.errors) == (1, 1)
+    assert metrics.upstream_errors[("web", "stable", "midstream")] == 1
+
+
+def test_turnouts_own_502_counts_against_the_arm() -> None:
+    """An upstream failure Turnout answers itself (502) is an error of the arm in the guard's
+    windows, with the time the client waited for it."""
+    from edge.upstream import Timeouts
+    from tests.test_errors import context, make_pipeline
+
+    pipeline = make_pipeline("http://127.0.0.1:9", Timeouts())
+    ctx = context()
+    pipeline.admit(ctx)
+    ctx.status, ctx.error = 502, "connect"
+    pipeline.logging(ctx)
+    pipeline.metrics.arms.rotate()
+    _, stable = pipeline.metrics.arms.horizons("web")[2]
+    assert (stable.requests, stable.errors) == (1, 1)
+    assert sum(stable.histogram) == 1

@@ -57,11 +57,15 @@ async def setup(store: Store, tmp: Path, doc: dict[str, Any] | None) -> ConfigWa
 def traffic(
     metrics: EdgeMetrics, *, canary_errors: int, canary: int = 100, stable: int = 900
 ) -> None:
-    """One second of finished requests as the pipeline counts them."""
+    """One second of finished requests as the pipeline's `logging` phase records them."""
     for i in range(canary):
-        metrics.count("web", "canary", 500 if i < canary_errors else 200, 0.02)
+        status = 500 if i < canary_errors else 200
+        metrics.count("web", "canary", status)
+        metrics.arms.record("web", "canary", status, 0.02)
     for i in range(stable):
-        metrics.count("web", "stable", 500 if i % 100 == 0 else 200, 0.02)
+        status = 500 if i % 100 == 0 else 200
+        metrics.count("web", "stable", status)
+        metrics.arms.record("web", "stable", status, 0.02)
 
 
 def run_async(fn: Callable[..., Any]) -> Callable[[Path], None]:

@@ -10,13 +10,14 @@ import httpx
 import pytest
 from websockets.sync.client import connect as ws_connect
 
+from edge.tunnel import _FrameEdges, close_frame
 from tests.harness import LOOPBACK, TurnoutInstance, backends, release_doc, wait_until
 
 
 def open_tunnels(inst: TurnoutInstance, arm: str) -> float:
     text = httpx.get(f"{inst.admin_url}/metrics").text
     for line in text.splitlines():
-        if line.startswith("turnout_websocket_open{") and f'arm="{arm}"' in line:
+        if line.startswith("turnout_websocket_tunnels_open{") and f'arm="{arm}"' in line:
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 
@@ -86,3 +87,21 @@ def test_maintenance_refuses_upgrades_but_not_the_internal_cohort(tmp_path: Path
                 assert ws.recv(timeout=5).startswith("hello from canary")
         finally:
             inst.stop()
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 5, 100])
+@pytest.mark.parametrize("masked", [False, True])
+def test_frame_edges_read_the_close_code_however_the_bytes_are_split(
+    split: int, masked: bool
+) -> None:
+    """The upstream's close code is read from the close frame's first two payload bytes
+    (unmasked or masked, §5.3), after a data frame, whatever the read boundaries; a close
+    frame without a payload is 1005."""
+    data = b"\x81\x05hello" + close_frame(4001, "bad", masked=masked)
+    edges = _FrameEdges()
+    for i in range(0, len(data), split):
+        edges.feed(data[i : i + split])
+    assert edges.close_code == 4001 and edges.at_boundary
+    empty = _FrameEdges()
+    empty.feed(b"\x88\x00")
+    assert empty.close_code == 1005
