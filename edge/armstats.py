@@ -11,12 +11,17 @@ Rules of this file:
   for a dead or slow canary is a canary error (`status >= 500`), and its latency is the time
   the client waited for it; a body cut off mid-stream is an error of its one request
   (`failed`). The pipeline records each exchange once, in its `logging` phase.
+* With `workers: N` (turnout/workers.py) each worker process records here and never rotates:
+  `take()` hands the counts since the last take to the worker's metrics push, and the
+  supervisor's runner adds them into its own `ArmStats` with `merge()`, so one guard judges
+  the whole instance's traffic.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections import deque
+from typing import Any
 
 from flags.evaluate import ARM_CANARY, ARM_STABLE
 from flags.guard import EMPTY, HORIZONS_S, LATENCY_BOUNDS_MS, N_BUCKETS, ArmCounts
@@ -115,6 +120,39 @@ class ArmStats:
             cell.errors += 1
         if elapsed_s is not None:
             cell.histogram[bisect_left(LATENCY_BOUNDS_MS, elapsed_s * 1000.0)] += 1
+
+    def take(self) -> list[list[Any]]:
+        """The current cells' counts as JSON-able rows [release, arm, requests, errors,
+        histogram], each cell emptied (a worker's share since its last push)."""
+        rows: list[list[Any]] = []
+        for (release, arm), series in self.series.items():
+            cell = series.current
+            if cell.requests or cell.errors:
+                rows.append([release, arm, cell.requests, cell.errors, cell.histogram])
+                series.current = Cell()
+        return rows
+
+    def merge(self, rows: list[list[Any]]) -> None:
+        """Add a worker's `take()` into the current cells; a malformed row is skipped."""
+        for row in rows:
+            try:
+                release, arm, requests, errors, histogram = row
+                counts = [int(n) for n in histogram]
+                if len(counts) != N_BUCKETS or not isinstance(release, str):
+                    continue
+                key = (release, str(arm))
+                added = int(requests), int(errors)
+            except (TypeError, ValueError):
+                continue
+            series = self.series.get(key)
+            if series is None:
+                series = self.series[key] = Series()
+            cell = series.current
+            cell.requests += added[0]
+            cell.errors += added[1]
+            hist = cell.histogram
+            for b, n in enumerate(counts):
+                hist[b] += n
 
     def rotate(self) -> None:
         for series in self.series.values():

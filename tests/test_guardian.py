@@ -5,17 +5,20 @@ canary upstream answers 500."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 
 from edge.guardian import ACTOR_GUARD, ACTOR_PLAN, Guardian, _catastrophic
 from edge.metrics import EdgeMetrics
 from flags import plan as plans
 from flags.document import load_document
 from flags.evaluate import explain
+from flags.guard import HORIZONS_S
 from flags.rollout import GuardCriteria
 from flags.store import Store
 from stores import events as ev
@@ -26,6 +29,7 @@ from stores.redisstore import RedisStore
 from stores.watch import ConfigWatcher
 from tests.harness import ThreadedServer, TurnoutInstance, backends, release_doc, wait_until
 from tests.redisproc import redis_server
+from tests.serveproc import LOOPBACK, ServeProcess, connection_owner
 
 STABLE = "http://127.0.0.1:9"
 CANARY = "http://127.0.0.1:10"
@@ -334,6 +338,71 @@ def test_end_to_end_failing_canary_is_rolled_back(tmp_path: Path) -> None:
             assert "turnout_guard_rollbacks_total" in text
         finally:
             inst.stop()
+            canary.stop()
+
+
+def test_with_two_workers_one_guard_judges_the_whole_instance(tmp_path: Path) -> None:
+    """`turnout serve --workers 2`: both workers' per-arm counts reach the one guard runner in
+    the supervisor (while the canary is healthy its longest window holds every request the
+    workers answered); once the canary fails it is rolled back once, and the guard's families
+    are in the supervisor's /metrics."""
+    app = FailingApp()
+    app.failing = False
+    canary = ThreadedServer(app, http="httptools").start()
+    with backends("stable") as up:
+        doc = release_doc(up["stable"].url, canary.url, stage="open", guard={})
+        proc = ServeProcess(tmp_path, workers=2, seed=doc, poll_interval_s=0.1).start()
+        try:
+            pids = proc.worker_pids()
+            answered = dict.fromkeys(pids, 0)
+
+            def send(count: int) -> None:
+                for i in range(count):
+                    with socket.create_connection((LOOPBACK, proc.edge_port), 5) as sock:
+                        owner = connection_owner(sock, pids)
+                        sock.sendall(
+                            b"GET / HTTP/1.1\r\nhost: a\r\nx-user-id: u%d\r\n"
+                            b"connection: close\r\n\r\n" % i
+                        )
+                        while sock.recv(65536):
+                            pass
+                    if owner is not None:
+                        answered[owner] += 1
+
+            def health() -> dict[str, Any]:
+                _, raw = proc.admin("GET", "/api/v1/releases/web/health", headers=proc.auth)
+                view: dict[str, Any] = orjson.loads(raw)
+                return view
+
+            def judged_everything() -> bool:
+                windows = health()["windows"][str(max(HORIZONS_S))]
+                seen = windows["canary"]["requests"] + windows["stable"]["requests"]
+                return bool(seen == proc.metric_sum("turnout_requests_total", release="web"))
+
+            assert wait_until(lambda: (send(20), all(answered.values()))[1], 30, interval=0)
+            total = sum(answered.values())
+            assert wait_until(
+                lambda: proc.metric_sum("turnout_requests_total", release="web") == total, 10
+            )
+            assert wait_until(judged_everything, 15)
+            assert health()["verdict"] != "breach"
+
+            app.failing = True
+
+            def rolled_back() -> bool:
+                send(40)
+                _, body = proc.admin("GET", "/api/v1/versions", headers=proc.auth)
+                versions = orjson.loads(body)["versions"]
+                return any(v["actor"] == ACTOR_GUARD for v in versions)
+
+            assert wait_until(rolled_back, timeout=60, interval=0)
+            _, body = proc.admin("GET", "/api/v1/versions", headers=proc.auth)
+            actors = [v["actor"] for v in orjson.loads(body)["versions"]]
+            assert actors.count(ACTOR_GUARD) == 1
+            assert proc.metric_sum("turnout_guard_rollbacks_total", release="web") == 1
+            assert proc.metric_sum("turnout_guard_verdict", release="web") == 1
+        finally:
+            proc.stop()
             canary.stop()
 
 
