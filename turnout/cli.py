@@ -26,9 +26,8 @@ import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import httpx
 from pydantic import SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -37,6 +36,11 @@ from flags.document import Document, load_document
 from flags.errors import ConfigError
 from stores.settings import load_settings
 from stores.yamlfile import YamlError, read_mapping_file
+
+if TYPE_CHECKING:
+    # Imported lazily by the client commands only: `turnout serve` and its edge workers
+    # never load httpx (a worker's memory counts, issue #9).
+    import httpx
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -105,6 +109,8 @@ class AdminClient:
             headers["Authorization"] = f"Bearer {token}"
         if actor:
             headers["X-Turnout-Actor"] = actor
+        import httpx
+
         timeout = httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s))
         self._http = httpx.Client(
             base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
@@ -124,6 +130,8 @@ class AdminClient:
         ok_statuses: Sequence[int] = (200, 202),  # 202: a local override was accepted
     ) -> tuple[int, Any]:
         """One request; the status and decoded JSON, `ApiRefused` for other statuses."""
+        import httpx
+
         headers = {"If-Match": f'"{if_match}"'} if if_match is not None else {}
         content: bytes | None = None
         if body is not None:
@@ -557,11 +565,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         overrides["edge_port"] = args.edge_port
     if args.admin_port is not None:
         overrides["admin_port"] = args.admin_port
+    if args.workers is not None:
+        overrides["workers"] = args.workers
     config = args.config or CliSettings().config
     try:
+        # Every settings failure (a bad value, an unknown key, the removed edge_server) is one
+        # ConfigError worded by flags/wording.py: one line naming the setting.
         settings = load_settings(config, **overrides)
     except ConfigError as exc:
-        raise UsageError(f"{exc.field}: {exc.message}") from None
+        raise UsageError(f"invalid settings: {exc}") from None
     # Imported by name at run time: the CLI's other commands (and its type check) must not
     # depend on the data plane's modules.
     run: Callable[[Settings], None] = importlib.import_module("turnout.server").run
@@ -714,6 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_examples(
             "turnout serve --config settings.yaml",
             "TURNOUT_STATE_DIR=/var/lib/turnout turnout serve --edge-port 80",
+            "turnout serve --config settings.yaml --workers auto  # one edge process per core",
         ),
     )
     serve.add_argument(
@@ -729,6 +742,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=_port,
         metavar="PORT",
         help="the admin API's port (setting admin_port)",
+    )
+    serve.add_argument(
+        "--workers",
+        metavar="N",
+        help='edge processes sharing the edge port (a number or "auto"; setting workers)',
     )
     serve.set_defaults(run=cmd_serve)
 
@@ -975,6 +993,9 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument(
         "--version", type=_version_number, metavar="N", help="an older version instead"
     )
+    from turnout.cli_rollout import register  # issue #10: plan, maintenance, status RELEASE
+
+    register(commands, client_command)
     return parser
 
 

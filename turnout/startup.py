@@ -87,8 +87,8 @@ def check_listeners(
 
 def check_writable_dirs(settings: Settings) -> None:
     """The state directory (and the bootstrap file's and the embedded store's directories)
-    exist or can be created, and can be written: a `SettingsError` naming the setting
-    otherwise, instead of a traceback from deep inside the store."""
+    exist or can be created, and can be written, and an access log file can be opened: a
+    `SettingsError` naming the setting otherwise, instead of a traceback from deep inside."""
     places = [("state_dir", Path(settings.state_dir))]
     if settings.bootstrap_path:
         places.append(("bootstrap_path", Path(settings.bootstrap_path).parent))
@@ -106,11 +106,25 @@ def check_writable_dirs(settings: Settings) -> None:
                 f"cannot create or write {directory}: {exc.strerror or exc} "
                 f"(TURNOUT_{setting.upper()})",
             ) from None
+    if settings.access_log not in ("off", "stdout", "stderr"):
+        # Checked here too because in worker mode only the edge workers open it (each its own
+        # append-mode descriptor): a bad path must stop `turnout serve`, not loop restarts.
+        try:
+            with Path(settings.access_log).open("ab"):
+                pass
+        except OSError as exc:
+            raise SettingsError(
+                "access_log", f"cannot open {settings.access_log}: {exc.strerror or exc}"
+            ) from None
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time (RFC 3339, UTC), level, logger, message, and the
-    audit record's own fields when the line is an audit line."""
+    """One JSON object per line: time (RFC 3339, UTC), level, logger, message, the edge
+    worker's number in worker mode, and the audit record's own fields for an audit line."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {
@@ -119,6 +133,8 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
         }
+        if self.worker is not None:
+            data["worker"] = self.worker
         audit = getattr(record, "audit", None)
         if isinstance(audit, dict):
             data["message"] = "audit"
@@ -131,10 +147,14 @@ class JsonFormatter(logging.Formatter):
 
 
 class HumanFormatter(logging.Formatter):
-    """`time level logger: message`; an audit record as a sentence instead of raw JSON."""
+    """`time level logger: message` (`logger[worker K]` in an edge worker); an audit record
+    as a sentence instead of raw JSON."""
 
-    def __init__(self) -> None:
-        super().__init__(HUMAN_FORMAT)
+    def __init__(self, worker: int | None = None) -> None:
+        fmt = HUMAN_FORMAT
+        if worker is not None:
+            fmt = fmt.replace("%(name)s:", f"%(name)s[worker {worker}]:")
+        super().__init__(fmt)
 
     def format(self, record: logging.LogRecord) -> str:
         audit = getattr(record, "audit", None)
@@ -160,13 +180,15 @@ def describe_audit(audit: dict[str, Any]) -> str:
     )
 
 
-def configure_logging(settings: Settings) -> None:
-    """Root logging for a Turnout process: level and format from the settings, to stderr."""
+def configure_logging(settings: Settings, worker: int | None = None) -> None:
+    """Root logging for a Turnout process: level and format from the settings, to stderr.
+    `worker` is the edge worker's number in `--workers N` mode (turnout/edgeworker.py), so
+    its lines say which worker wrote them in either format."""
     handler = logging.StreamHandler(sys.stderr)
     if settings.log_format == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(worker))
     else:
-        handler.setFormatter(HumanFormatter())
+        handler.setFormatter(HumanFormatter(worker))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
