@@ -135,18 +135,33 @@ def print_guard_lines(status: dict[str, Any]) -> None:
 
 def register(commands: Any, client_command: Register) -> None:
     """Add `plan` and `maintenance`, and teach `status` an optional RELEASE."""
-    plan = client_command("plan", "run a release's phase plan", cmd_plan, writes=True)
-    plan.add_argument("release")
-    plan.add_argument("action", choices=PLAN_ACTIONS)
+    plan = client_command(
+        "plan",
+        "run a release's phase plan",
+        cmd_plan,
+        (
+            "turnout plan web start               # begin at the plan's first phase",
+            "turnout plan web approve             # let a phase that waits for approval advance",
+            "turnout plan web abort --reason 'errors in checkout'",
+        ),
+        writes=True,
+    )
+    plan.add_argument("release", help="the release's name (as in the document's releases)")
+    plan.add_argument("action", choices=PLAN_ACTIONS, help=f"what to do: {', '.join(PLAN_ACTIONS)}")
     plan.add_argument("--reason", help="recorded with the change (abort: why)")
 
     maintenance = client_command(
         "maintenance",
         "503 + Retry-After for all but the internal cohort",
         cmd_maintenance,
+        (
+            "turnout maintenance on web --retry-after 600 --message 'back at 14:00'",
+            "turnout maintenance off web",
+            "turnout maintenance on                # every route",
+        ),
         writes=True,
     )
-    maintenance.add_argument("state", choices=["on", "off"])
+    maintenance.add_argument("state", choices=["on", "off"], help="on or off")
     maintenance.add_argument("release", nargs="?", help="one release (default: every route)")
     maintenance.add_argument("--retry-after", type=int, metavar="S", help="Retry-After seconds")
     maintenance.add_argument("--message", help="the text users see")
