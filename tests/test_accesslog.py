@@ -202,3 +202,19 @@ def test_access_log_end_to_end(tmp_path: Path) -> None:
     assert "secret" not in log_file.read_text()
     assert (lines[1]["status"], lines[1]["release"]) == (404, None)
     assert (lines[2]["status"], lines[2]["release"]) == (502, "down")
+
+
+def test_a_pathological_line_is_capped_to_one_atomic_write() -> None:
+    """A path of escaped control characters still makes one whole line of at most PIPE_BUF
+    bytes, so workers sharing a pipe never splice each other's lines."""
+    from edge.accesslog import LINE_MAX_BYTES
+
+    sink = CountingSink()
+    log = AccessLog(sink)
+    _record(log, path=b"/" + b"\x01" * 8000)
+    _record(log)
+    log.flush()
+    lines = sink.getvalue().splitlines(keepends=True)
+    assert len(lines) == 2
+    assert all(len(line) <= LINE_MAX_BYTES for line in lines)
+    assert json.loads(lines[0])["path"].startswith("/\x01")

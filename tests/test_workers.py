@@ -578,3 +578,43 @@ def test_an_edge_port_in_use_is_refused_in_one_line(tmp_path: Path) -> None:
         f"turnout: edge_port: port {port} on {LOOPBACK} is already in use: choose another "
         "with --edge-port, TURNOUT_EDGE_PORT, or edge_port in the settings file"
     ]
+
+
+def test_every_worker_writes_whole_access_log_lines(
+    tmp_path: Path, up: dict[str, ThreadedServer]
+) -> None:
+    """With --workers 2 and one access log file, both workers write their lines (issue #13):
+    every request is one line, each line is whole JSON (never two workers' text spliced), and
+    the worker processes log in the configured JSON format, tagged with their number."""
+    log_file = tmp_path / "access.log"
+    with serving(tmp_path, up, access_log=str(log_file), log_format="json") as proc:
+        pids = proc.worker_pids()
+        answered: dict[int, int] = {pid: 0 for pid in pids}
+        sent = 0
+        for i in range(MAX_CONNECT_TRIES):
+            conn = connect(proc.edge_port)
+            assert conn.sock is not None
+            owner = connection_owner(conn.sock, pids)
+            for _ in range(20):
+                assert get(conn, f"/p{i}", x_user_id=f"user-{i}")[0] == 200
+                sent += 1
+            conn.close()
+            answered[owner] += 1
+            if i >= 4 and all(answered.values()):
+                break
+        assert all(answered.values()), answered
+
+        def all_logged() -> bool:
+            return log_file.exists() and len(log_file.read_bytes().splitlines()) >= sent
+
+        assert wait_until(all_logged, 10)
+    lines = [orjson.loads(line) for line in log_file.read_bytes().splitlines()]
+    assert len(lines) == sent
+    assert {line["status"] for line in lines} == {200}
+    assert {line["release"] for line in lines} == {"web"}
+    worker_lines = [
+        orjson.loads(line)
+        for line in proc.log_text().splitlines()
+        if line.startswith("{") and '"worker"' in line
+    ]
+    assert {entry["worker"] for entry in worker_lines} == {1, 2}
