@@ -21,12 +21,17 @@ import hmac
 import logging
 import time
 import uuid
+from typing import TYPE_CHECKING
 
-import httpx
 import orjson
 
 from stores.events import Event
 from stores.settings import Settings
+
+if TYPE_CHECKING:
+    # Imported when a Notifier is built (webhook_urls set), so that `turnout serve` and its
+    # edge workers do not load httpx otherwise (memory per worker, issue #9).
+    import httpx
 
 log = logging.getLogger("turnout.webhooks")
 
@@ -71,6 +76,8 @@ class Notifier:
         self.delivered = 0
         self.failed = 0
         self.dropped = 0
+        import httpx
+
         self._client = httpx.AsyncClient(timeout=timeout_s, transport=transport)
         self._task: asyncio.Task[None] | None = None
 
@@ -124,6 +131,8 @@ class Notifier:
 
     async def deliver(self, url: str, event: Event, body: bytes) -> bool:
         """POST with retries; True on a 2xx."""
+        import httpx  # already loaded by __init__: a dictionary lookup
+
         started = time.monotonic()
         backoff = BACKOFF_FIRST_S
         delivery = uuid.uuid4().hex

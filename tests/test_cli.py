@@ -763,3 +763,20 @@ def test_serve_with_the_removed_edge_server_setting_fails_in_one_line(
     assert err.count("\n") == 0, err
     assert "edge_server was removed" in err and "use workers: N" in err
     assert not (tmp_path / "state").exists()  # nothing was started or written
+
+
+def test_serve_and_its_workers_do_not_load_httpx() -> None:
+    """`turnout serve`, its supervisor and its edge workers never import httpx (only the
+    client commands and webhooks do): a worker's memory counts (issue #9)."""
+    code = (
+        "import sys, turnout.cli, turnout.server, turnout.workers, turnout.edgeworker; "
+        "sys.exit('httpx' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
