@@ -218,3 +218,34 @@ def test_a_pathological_line_is_capped_to_one_atomic_write() -> None:
     assert len(lines) == 2
     assert all(len(line) <= LINE_MAX_BYTES for line in lines)
     assert json.loads(lines[0])["path"].startswith("/\x01")
+
+
+def test_a_websocket_upgrade_is_one_line_when_the_101_is_answered(tmp_path: Path) -> None:
+    """A WebSocket through the tunnel gets one access log line, written when the upgrade is
+    answered (101, the release and arm), and no second line when the tunnel closes."""
+    from websockets.sync.client import connect as ws_connect
+
+    log_file = tmp_path / "access.log"
+    with backends("stable", "canary") as servers:
+        seed = release_doc(servers["stable"].url, servers["canary"].url, stage="off")
+        instance = TurnoutInstance(tmp_path / "state", seed=seed, access_log=str(log_file))
+        instance.start()
+        try:
+            url = f"ws://127.0.0.1:{instance.edge_port}/ws"
+            with ws_connect(url, additional_headers={"x-user-id": "bob"}) as ws:
+                assert ws.recv(timeout=5) == "hello from stable arm=stable"
+
+                def one_line() -> bool:
+                    return log_file.exists() and len(log_file.read_text().splitlines()) >= 1
+
+                assert wait_until(one_line, 10)
+        finally:
+            instance.stop()
+    lines = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert len(lines) == 1
+    assert (lines[0]["path"], lines[0]["status"], lines[0]["release"], lines[0]["arm"]) == (
+        "/ws",
+        101,
+        "web",
+        "stable",
+    )
