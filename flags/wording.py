@@ -114,7 +114,9 @@ def describe_error(error: Mapping[str, Any], prefix: str = "") -> tuple[str, str
     else:
         wording = _WORDING.get(kind)
         message = wording(ctx) if wording is not None else "is not valid"
-    if kind not in ("missing", "extra_forbidden") and "input" in error:
+    # A whole-model check (no field) is about several fields: showing the input would print
+    # the whole mapping.
+    if field and kind not in ("missing", "extra_forbidden") and "input" in error:
         shown = shown_value(error["input"])
         if shown:
             message = f"{message}, got {shown}"

@@ -291,9 +291,10 @@ def load_settings(config_file: str | None = None, **overrides: Any) -> Settings:
         field, message = describe_error(exc.errors(include_url=False)[0])
         if message == "unknown field":
             message = "unknown setting (see the settings table in the README)"
-        where = (
-            f" (in {config_file} or {ENV_PREFIX}{field.upper()})"
-            if config_file
-            else (f" ({ENV_PREFIX}{field.upper()})")
-        )
+        if not field:  # a check across settings (webhook_secret with webhook_urls)
+            where = f" (in {config_file})" if config_file else ""
+        elif config_file:
+            where = f" (in {config_file} or {ENV_PREFIX}{field.upper()})"
+        else:
+            where = f" ({ENV_PREFIX}{field.upper()})"
         raise SettingsError(field or "settings", message + where) from None
