@@ -22,6 +22,8 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
+import mmh3
+
 from flags.flagmodel import (
     NUMBER_OPS,
     SEMVER_OPS,
@@ -33,7 +35,9 @@ from flags.flagmodel import (
     parse_semver,
     split_bounds,
 )
-from flags.hashing import normalize_unit_id, position_with_prefix
+from flags.hashing import POSITION_SPACE, normalize_unit_id, position_with_prefix
+
+_hash32 = mmh3.hash
 
 if TYPE_CHECKING:
     from flags.document import Document
@@ -59,7 +63,16 @@ Test = Callable[[str | None, Context], bool]
 class FlagResult:
     """One evaluation's answer. Prebuilt per (flag, variant, reason) and shared: read only."""
 
-    __slots__ = ("key", "value", "variant", "reason", "error_code", "error_details", "metadata")
+    __slots__ = (
+        "key",
+        "value",
+        "variant",
+        "reason",
+        "error_code",
+        "error_details",
+        "metadata",
+        "deferred",
+    )
 
     def __init__(
         self,
@@ -70,8 +83,10 @@ class FlagResult:
         metadata: Mapping[str, bool | int | float | str],
         error_code: str | None = None,
         error_details: str | None = None,
+        deferred: bool = False,
     ) -> None:
         self.key = key
+        self.deferred = deferred  # no value: the caller's code default applies (ADR-0006)
         self.value = value
         self.variant = variant
         self.reason = reason
@@ -89,44 +104,51 @@ class FlagResult:
 # -- conditions --------------------------------------------------------------------------------
 
 
-def _getter(attribute: str) -> Callable[[str | None, Context], Any]:
-    if attribute in UNIT_ATTRIBUTES:
-        return lambda unit, ctx: unit
-    get = attribute
-    return lambda unit, ctx: ctx.get(get)
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _compile_attribute_test(cond: Condition) -> Test:
-    get = _getter(cond.attribute)
-    op, want = cond.op, cond.value
+    """A closure per operator. The attribute is read inline (`ctx.get`), not through another
+    call: one Python call per condition is the budget (benchmarks/flags.py)."""
+    if cond.attribute in UNIT_ATTRIBUTES:
+        inner = _compile_value_test(cond.op, cond.value)
+        return lambda unit, ctx: inner(unit)
+    attr, op, want = cond.attribute, cond.op, cond.value
+    if op == "ends_with":
+        return lambda unit, ctx: type(v := ctx.get(attr)) is str and v.endswith(want)
+    if op == "starts_with":
+        return lambda unit, ctx: type(v := ctx.get(attr)) is str and v.startswith(want)
+    if op == "equals":
+        return lambda unit, ctx: ctx.get(attr) == want
+    inner = _compile_value_test(op, want)
+    return lambda unit, ctx: inner(ctx.get(attr))
+
+
+def _compile_value_test(op: str, want: Any) -> Callable[[Any], bool]:
     if op == "exists":
         expected = want is not False
-        return lambda unit, ctx: (get(unit, ctx) is not None) is expected
+        return lambda v: (v is not None) is expected
     if op in ("equals", "not_equals"):
         negate = op == "not_equals"
-        return lambda unit, ctx: (get(unit, ctx) == want) is not negate
+        return lambda v: (v == want) is not negate
     if op in ("in", "not_in"):
         members = frozenset(want)
         negate = op == "not_in"
 
-        def member(unit: str | None, ctx: Context) -> bool:
-            got = get(unit, ctx)
+        def member(v: Any) -> bool:
             try:
-                return (got in members) is not negate
+                return (v in members) is not negate
             except TypeError:  # an unhashable attribute (object, list) is in no list
                 return negate
 
         return member
     if op == "starts_with":
-        return lambda unit, ctx: type(v := get(unit, ctx)) is str and v.startswith(want)
+        return lambda v: type(v) is str and v.startswith(want)
     if op == "ends_with":
-        return lambda unit, ctx: type(v := get(unit, ctx)) is str and v.endswith(want)
+        return lambda v: type(v) is str and v.endswith(want)
     if op == "contains":
-        return lambda unit, ctx: type(v := get(unit, ctx)) is str and want in v
+        return lambda v: type(v) is str and want in v
     if op in NUMBER_OPS:
         compare: Callable[[Any, Any], bool] = {
             "lt": lambda a, b: a < b,
@@ -134,7 +156,7 @@ def _compile_attribute_test(cond: Condition) -> Test:
             "gt": lambda a, b: a > b,
             "gte": lambda a, b: a >= b,
         }[op]
-        return lambda unit, ctx: _is_number(v := get(unit, ctx)) and compare(v, want)
+        return lambda v: _is_number(v) and compare(v, want)
     if op in SEMVER_OPS:
         bound = parse_semver(want)
         by_op: dict[str, Callable[[Any, Any], bool]] = {
@@ -146,11 +168,10 @@ def _compile_attribute_test(cond: Condition) -> Test:
         }
         semver_compare = by_op[op]
 
-        def semver(unit: str | None, ctx: Context) -> bool:
-            got = get(unit, ctx)
-            if type(got) is not str:
+        def semver(v: Any) -> bool:
+            if type(v) is not str:
                 return False
-            parsed = parse_semver(got)  # the context's value is parsed; the rule's was not
+            parsed = parse_semver(v)  # the context's value is parsed; the rule's was not
             return parsed is not None and semver_compare(parsed, bound)
 
         return semver
@@ -217,7 +238,8 @@ class _Splitter:
     def pick(self, unit: str | None) -> FlagResult:
         if unit is None:
             return self.missing
-        pos = position_with_prefix(self.salt_prefix, unit)
+        # position_with_prefix inlined (DESIGN.md §2): one call fewer per evaluation.
+        pos = (_hash32(self.salt_prefix + unit, 0, False) * POSITION_SPACE) >> 32
         return self.results[bisect_right(self.bounds, pos)]
 
 
@@ -270,7 +292,11 @@ class CompiledFlag:
 
         off_variant = flag.off_variant if flag.off_variant is not None else flag.default
         self.off = doc.flags_killed or flag.killed or not flag.enabled
-        self.off_result = result(off_variant, REASON_DISABLED)
+        self.off_result = (
+            FlagResult(key, None, off_variant, REASON_DISABLED, meta, deferred=True)
+            if flag.defer_off_value
+            else result(off_variant, REASON_DISABLED)
+        )
         self.prerequisites = tuple(
             (pre.flag, frozenset(pre.variants)) for pre in flag.prerequisites
         )
@@ -370,8 +396,13 @@ class FlagSet:
         self, unit: str | None, ctx: Context, keys: Iterable[str] | None = None
     ) -> list[FlagResult]:
         """Bulk evaluation, in document order (or `keys` order)."""
+        if keys is None:
+            try:
+                return [flag.evaluate(unit, ctx, self, 0) for flag in self.flags.values()]
+            except Exception:  # noqa: BLE001 - redo one by one so only the bad flag errs
+                keys = self.flags
         evaluate = self.evaluate
-        return [evaluate(key, unit, ctx) for key in (self.flags if keys is None else keys)]
+        return [evaluate(key, unit, ctx) for key in keys]
 
 
 def not_found(key: str) -> FlagResult:
