@@ -27,6 +27,7 @@ from typing import Protocol
 
 from edge.identity import Identity
 from edge.metrics import EdgeMetrics
+from edge.ofrep import Ofrep
 from edge.targets import PoolSet, Target
 from edge.upstream import (
     UpstreamConnectError,
@@ -228,6 +229,7 @@ class Pipeline:
         self.targets: dict[str, tuple[Target, Target]] = {}
         self._version_header = b"0"
         self._host_cache: dict[bytes, str] = {}
+        self.ofrep: Ofrep | None = None  # OFREP endpoints under /ofrep/ (edge/ofrep.py)
 
     # -- configuration -----------------------------------------------------------------------
 
@@ -470,6 +472,9 @@ class Pipeline:
             path = canonical_path(raw_path)
             if b"#" in query:
                 raise Reject(400, "fragment in request target")  # HARDENING row 24
+            if self.ofrep is not None and path.startswith(b"/ofrep/"):
+                await self.ofrep.handle(method, path, query, headers, downstream)  # issue #11
+                return
             kept, host, unit_raw, cookie, email_raw, length, chunked = self.request_filter(
                 headers, http_version, client, scheme
             )

@@ -155,6 +155,9 @@ class Flag(BaseModel):
     enabled: bool = True
     killed: bool = False
     kill_reason: str = Field(default="", max_length=500)
+    # When off, answer without a value so each app falls back to its code default (OFREP
+    # ADR-0006; OFREP.md §3 item 3): the variant is still named.
+    defer_off_value: bool = False
     prerequisites: tuple[Prerequisite, ...] = ()
     targets: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     rules: tuple[Rule, ...] = Field(default=(), max_length=MAX_RULES)
