@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from admin import config, health, releases, repair, versions
+from admin import config, flags, health, releases, repair, versions
 from admin.auth import BearerAuth, is_loopback, resolve_admin_token
 from admin.context import AdminContext
 from admin.responses import ApiError, json_response
@@ -69,6 +69,7 @@ def create_admin_app(
             *config.routes(ctx),
             *releases.routes(ctx),
             *versions.routes(ctx),
+            *flags.routes(ctx),
             *repair.routes(ctx),
         ],
         exception_handlers={

@@ -41,7 +41,7 @@ from flags.flageval import (
     FlagSet,
     unit_of,
 )
-from flags.flagmodel import ApiKey
+from flags.flagmodel import ApiKey, hash_key
 from flags.store import Revision
 
 PREFIX = b"/ofrep/v1/"
@@ -123,11 +123,6 @@ class Keys:
 
     def __init__(self, keys: dict[str, ApiKey]) -> None:
         self.by_hash = {k.sha256: (name, k) for name, k in keys.items()}
-
-
-def hash_key(secret: str) -> str:
-    """What the document stores for a key: hex SHA-256 of the secret (never the secret)."""
-    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
 class Ofrep:

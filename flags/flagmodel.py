@@ -16,6 +16,7 @@ Rules of this file:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from typing import TYPE_CHECKING, Any, Literal
@@ -188,6 +189,11 @@ class ApiKey(BaseModel):
     rate_per_s: float | None = None  # None: unlimited
     burst: int | None = None
     description: str = Field(default="", max_length=500)
+
+
+def hash_key(secret: str) -> str:
+    """What the document stores for an API key: hex SHA-256 of the secret, never the secret."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
 # -- validation --------------------------------------------------------------------------------

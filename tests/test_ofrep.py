@@ -20,7 +20,7 @@ from openfeature.evaluation_context import EvaluationContext
 from openfeature.exception import ErrorCode
 from openfeature.flag_evaluation import Reason
 
-from edge.ofrep import hash_key
+from flags.flagmodel import hash_key
 from tests.harness import LOOPBACK, TurnoutInstance, backends, release_doc, wait_until
 
 APP_KEY = "app-secret-0001"
