@@ -27,6 +27,8 @@ import yaml
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from turnout import cli_flags
+
 EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
@@ -504,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument(
         "--version", type=_version_number, metavar="N", help="an older version instead"
     )
+    cli_flags.register(client_command)  # `turnout flag ...` and `turnout import ...` (#11)
     return parser
 
 
