@@ -25,6 +25,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+from edge.flagheader import flag_header_entries
 from edge.identity import Identity
 from edge.metrics import EdgeMetrics
 from edge.ofrep import Ofrep
@@ -484,7 +485,7 @@ class Pipeline:
                     *self.error_response(404, "no route for this host and path", None)
                 )
                 return
-            target, set_cookie = self.upstream_peer(rel, unit_raw, cookie, email_raw)
+            target, set_cookie = self.upstream_peer(rel, unit_raw, cookie, email_raw, kept)
         except Reject as exc:
             await downstream.respond(
                 *self.error_response(exc.status, exc.message, None, close=exc.close)
@@ -499,12 +500,17 @@ class Pipeline:
         unit_raw: bytes | None,
         cookie: bytes | None,
         email_raw: bytes | None,
+        kept: list[bytes] | None = None,
     ) -> tuple[Target, bytes | None]:
         """identify + decide + upstream_peer, shared by HTTP and WebSocket: the unit's target,
-        and the Set-Cookie value when a new anonymous id was assigned."""
+        and the Set-Cookie value when a new anonymous id was assigned. With `kept`, the
+        release's upstream flags are added to it (edge/flagheader.py, issue #11)."""
         unit, set_cookie = self.identity.resolve(unit_raw, cookie)
         email = email_raw.decode("utf-8", "replace") if email_raw is not None else None
         decision = rel.assign(unit, email)
+        flags = self.snapshot.flags if self.snapshot is not None else None
+        if kept is not None and flags is not None and rel.name in flags.upstream:
+            kept += flag_header_entries(flags, rel.name, unit, email)
         return self.targets[rel.name][1 if decision.arm == ARM_CANARY else 0], set_cookie
 
     def upstream_request_head(

@@ -375,12 +375,18 @@ class CompiledFlag:
 class FlagSet:
     """Every flag of one document version, compiled."""
 
-    __slots__ = ("flags", "version", "killed")
+    __slots__ = ("flags", "version", "killed", "upstream")
 
     def __init__(self, flags: dict[str, CompiledFlag], version: int, killed: bool) -> None:
         self.flags = flags
         self.version = version
         self.killed = killed
+        # release -> the flags its requests carry upstream (`Flag.upstream`), in key order
+        upstream: dict[str, list[CompiledFlag]] = {}
+        for key in sorted(flags):
+            for release in flags[key].flag.upstream:
+                upstream.setdefault(release, []).append(flags[key])
+        self.upstream = {release: tuple(found) for release, found in upstream.items()}
 
     def evaluate(self, key: str, unit: str | None, ctx: Context) -> FlagResult:
         """The answer for one flag; `unit` already normalised (`unit_of`). Never raises."""

@@ -166,6 +166,8 @@ class Flag(BaseModel):
     cohort: str | None = None
     salt: str | None = Field(default=None, max_length=128)
     metadata: dict[str, MetadataValue] = Field(default_factory=dict)
+    # Releases whose proxied requests carry this flag's variant upstream (edge/flagheader.py).
+    upstream: tuple[str, ...] = ()
     description: str = Field(default="", max_length=500)
 
 
@@ -340,6 +342,9 @@ def _check_flag(doc: Document, key: str, flag: Flag) -> None:
         raise ConfigError(f"{where}.cohort", "set either salt or cohort, not both")
     if flag.cohort is not None and flag.cohort not in doc.cohorts:
         raise ConfigError(f"{where}.cohort", f"unknown cohort {flag.cohort!r}")
+    for i, release in enumerate(flag.upstream):
+        if release not in doc.releases:
+            raise ConfigError(f"{where}.upstream.{i}", f"unknown release {release!r}")
     for name, meta in flag.metadata.items():
         if isinstance(meta, float) and not math.isfinite(meta):
             raise ConfigError(f"{where}.metadata.{name}", "must be finite")
