@@ -31,7 +31,7 @@ def flag_header_entries(
     size = 0
     truncated = False
     for flag in compiled:
-        result = flag.evaluate(unit, ctx, flagset, 0)
+        result = flag.run(unit, ctx, flagset, 0)
         if result.variant is None or result.error_code is not None:
             continue
         pair = f"{flag.key}={result.variant}"
