@@ -149,3 +149,33 @@ def test_import_flagd_dry_run_then_apply(
         "legacy",
         "checkout-split",
     }
+
+
+def test_rules_and_delete_through_the_api(
+    inst: TurnoutInstance, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A rule added by the CLI serves its variant; removing it by index restores the default;
+    a flag another flag depends on cannot be deleted (field named); an unused one can."""
+    assert admin(inst, "PUT", "/api/v1/flags/base", json=FLAG).status_code == 200
+    child = {**FLAG, "prerequisites": [{"flag": "base", "variants": ["on"]}]}
+    assert admin(inst, "PUT", "/api/v1/flags/child", json=child).status_code == 200
+    secret = admin(inst, "POST", "/api/v1/api-keys/app", json={}).json()["api_key"]
+    rule = (
+        '{"conditions": [{"attribute": "plan", "op": "equals", "value": "pro"}], "variant": "on"}'
+    )
+    assert cli(inst, "flag", "rule", "base", rule) == EXIT_OK
+    assert wait_until(
+        lambda: (
+            served(inst, "base", secret, plan="pro") != 401
+            and served(inst, "base", secret, plan="pro")["variant"] == "on"
+        )
+    )
+    assert served(inst, "base", secret, plan="free")["variant"] == "off"
+    assert admin(inst, "DELETE", "/api/v1/flags/base/rules/0").status_code == 200
+    assert wait_until(lambda: served(inst, "base", secret, plan="pro")["variant"] == "off")
+    refused = admin(inst, "DELETE", "/api/v1/flags/base")
+    assert refused.status_code == 422
+    assert refused.json()["field"] == "flags.child.prerequisites.0.flag"
+    assert admin(inst, "DELETE", "/api/v1/flags/child").status_code == 200
+    assert admin(inst, "DELETE", "/api/v1/flags/base").status_code == 200
+    assert admin(inst, "GET", "/api/v1/flags").json()["flags"] == []
