@@ -115,7 +115,7 @@ def routes(ctx: AdminContext) -> list[Route]:
         secret = "tk_" + secrets.token_urlsafe(API_KEY_BYTES)
 
         async def edit(doc: Document, body: dict[str, Any]) -> tuple[Document, str]:
-            check_fields(body, ("flags", "rate_per_s", "burst", "description"))
+            check_fields(body, ("flags", "rate_per_s", "burst", "exposures", "description"))
             return flagchanges.put_api_key(doc, name, hash_key(secret), **body)
 
         response = await perform_write(

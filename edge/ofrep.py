@@ -22,6 +22,7 @@ Rules of this file:
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import math
 import time
@@ -50,6 +51,7 @@ SSE_KEEPALIVE_S = 15.0  # below common proxies' 30-60 s idle timeouts
 SSE_INACTIVITY_DELAY_S = 120  # OFREP's default: clients may drop the stream when hidden
 CORS_MAX_AGE_S = 600
 STREAM_PATH = "/ofrep/v1/events"
+EXPOSURE_BUFFER = 10_000  # events held per slow exposure reader before the oldest are dropped
 
 _JSON = b"application/json"
 _CORS = [
@@ -140,6 +142,7 @@ class Ofrep:
         self._changed = asyncio.Event()
         self._last_modified = int(time.time())
         self.closing = False
+        self.sinks: set[_Sink] = set()
 
     def close(self) -> None:
         """End every SSE stream now (shutdown), so a graceful stop need not wait them out."""
@@ -176,10 +179,13 @@ class Ofrep:
                 await downstream.respond(204, [*_PREFLIGHT, (b"content-length", b"0")], b"")
                 return
             route = path[len(PREFIX) :] if path.startswith(PREFIX) else None
-            if route == b"events":
+            if route in (b"events", b"exposures"):
                 if method != "GET":
                     raise Refusal(405, {"errorDetails": "use GET"}, [(b"allow", b"GET")])
-                await self._stream(headers, query, downstream)
+                if route == b"events":
+                    await self._stream(headers, query, downstream)
+                else:
+                    await self._exposure_stream(headers, query, downstream)
                 return
             if route is None or not (route.startswith(b"evaluate/flags") or route == b""):
                 raise Refusal(404, {"errorDetails": "no such OFREP endpoint"})
@@ -303,10 +309,14 @@ class Ofrep:
 
     # -- evaluation --------------------------------------------------------------------------
 
-    def _count(self, result: FlagResult) -> None:
+    def _count(self, result: FlagResult, unit: str | None) -> None:
         if result.error_code is None and result.variant is not None:
             pair = (result.key, result.variant)
             self.exposures[pair] = self.exposures.get(pair, 0) + 1
+            if self.sinks:  # only while an analytics reader is connected
+                event = (time.time(), result.key, result.variant, result.reason, unit)
+                for sink in self.sinks:
+                    sink.push(event)
 
     async def _single(
         self,
@@ -329,7 +339,7 @@ class Ofrep:
             raise Refusal(400, _error(key, code, result.error_details or "targetingKey missing"))
         if code is not None:
             raise Refusal(500, {"errorDetails": result.error_details or code})
-        self._count(result)
+        self._count(result, unit)
         body = orjson.dumps(_success(result))
         await downstream.respond(200, self._json_headers(body), body)
 
@@ -372,7 +382,7 @@ class Ofrep:
                 await downstream.respond(304, [*_CORS, (b"etag", etag)], b"")
                 return
         for result in results:
-            self._count(result)
+            self._count(result, unit)
         await downstream.respond(200, [*self._json_headers(body), (b"etag", etag)], body)
 
     def _json_headers(self, body: bytes) -> list[tuple[bytes, bytes]]:
@@ -389,12 +399,7 @@ class Ofrep:
     async def _stream(
         self, headers: list[tuple[bytes, bytes]], query: bytes, downstream: Downstream
     ) -> None:
-        query_key = None
-        for part in query.split(b"&"):
-            name, _, value = part.partition(b"=")
-            if name == b"key" and value:
-                query_key = unquote_to_bytes(value).decode("utf-8", "replace")
-        self._authorize(headers, query_key)
+        self._authorize(headers, _query_key(query))
         await downstream.start(
             200,
             [
@@ -440,6 +445,96 @@ class Ofrep:
         finally:
             if watcher is not None:
                 watcher.cancel()
+
+    async def _exposure_stream(
+        self, headers: list[tuple[bytes, bytes]], query: bytes, downstream: Downstream
+    ) -> None:
+        """SSE of exposures for an analytics sink (issue #11, 6): one `exposure` event per
+        evaluation served while connected, `dropped` when the reader fell behind."""
+        api = self._authorize(headers, _query_key(query))
+        if not api.exposures:
+            raise Refusal(403, {"errorDetails": "this API key may not read exposures"})
+        await downstream.start(
+            200,
+            [
+                *_CORS,
+                (b"content-type", b"text/event-stream"),
+                (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no"),
+            ],
+        )
+        if not await downstream.write(b": turnout exposures\n\n", True):
+            return
+        sink = _Sink()
+        hangup = _Hangup()
+        watcher = downstream.watch_disconnect(hangup)
+        self.sinks.add(sink)
+        try:
+            while True:
+                waits = [
+                    asyncio.ensure_future(sink.ready.wait()),
+                    asyncio.ensure_future(hangup.gone.wait()),
+                    asyncio.ensure_future(self._changed.wait()),
+                ]
+                try:
+                    await asyncio.wait(
+                        waits, timeout=SSE_KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    for waiter in waits:
+                        waiter.cancel()
+                if hangup.gone.is_set():
+                    return
+                if self.closing:
+                    await downstream.write(b"", False)
+                    return
+                data = sink.drain() or b": keep-alive\n\n"
+                if not await downstream.write(data, True):
+                    return
+        finally:
+            self.sinks.discard(sink)
+            if watcher is not None:
+                watcher.cancel()
+
+
+class _Sink:
+    """One exposure reader's bounded buffer."""
+
+    __slots__ = ("events", "ready", "dropped")
+
+    def __init__(self) -> None:
+        self.events: collections.deque[tuple[float, str, str, str, str | None]] = collections.deque(
+            maxlen=EXPOSURE_BUFFER
+        )
+        self.ready = asyncio.Event()
+        self.dropped = 0
+
+    def push(self, event: tuple[float, str, str, str, str | None]) -> None:
+        if len(self.events) == EXPOSURE_BUFFER:
+            self.dropped += 1
+        self.events.append(event)
+        self.ready.set()
+
+    def drain(self) -> bytes:
+        out = []
+        if self.dropped:
+            out.append(b"event: dropped\ndata: %s\n\n" % orjson.dumps({"count": self.dropped}))
+            self.dropped = 0
+        while self.events:
+            ts, flag, variant, reason, unit = self.events.popleft()
+            item = {"ts": ts, "flag": flag, "variant": variant, "reason": reason, "unit": unit}
+            out.append(b"event: exposure\ndata: %s\n\n" % orjson.dumps(item))
+        self.ready.clear()
+        return b"".join(out)
+
+
+def _query_key(query: bytes) -> str | None:
+    """`?key=` for EventSource clients, which cannot set headers."""
+    for part in query.split(b"&"):
+        name, _, value = part.partition(b"=")
+        if name == b"key" and value:
+            return unquote_to_bytes(value).decode("utf-8", "replace")
+    return None
 
 
 class ExposureCollector(Collector):

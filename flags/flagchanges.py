@@ -185,6 +185,7 @@ def put_api_key(
     flags: Any = None,
     rate_per_s: Any = None,
     burst: Any = None,
+    exposures: Any = False,
     description: Any = "",
 ) -> tuple[Document, str]:
     """Create or replace an application's OFREP key (only its hash is stored)."""
@@ -195,6 +196,7 @@ def put_api_key(
             "flags": flags,
             "rate_per_s": rate_per_s,
             "burst": burst,
+            "exposures": exposures,
             "description": description,
         },
         prefix=f"api_keys.{name}",

@@ -190,6 +190,7 @@ class ApiKey(BaseModel):
     revoked: bool = False
     rate_per_s: float | None = None  # None: unlimited
     burst: int | None = None
+    exposures: bool = False  # may read the exposure event stream (unit ids: analytics only)
     description: str = Field(default="", max_length=500)
 
 

@@ -124,6 +124,7 @@ def test_api_key_revocation_is_401(inst: TurnoutInstance) -> None:
             "revoked": True,
             "rate_per_s": None,
             "burst": None,
+            "exposures": False,
             "description": "",
         }
     ]

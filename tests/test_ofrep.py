@@ -27,6 +27,7 @@ APP_KEY = "app-secret-0001"
 NARROW_KEY = "narrow-secret-0002"
 REVOKED_KEY = "revoked-secret-0003"
 SLOW_KEY = "slow-secret-0004"
+ANALYTICS_KEY = "analytics-secret-0005"
 _domains = itertools.count()
 
 
@@ -81,6 +82,7 @@ def flag_doc(stable: str, canary: str) -> dict[str, Any]:
         "narrow": {"sha256": hash_key(NARROW_KEY), "flags": ["dark-mode"]},
         "old": {"sha256": hash_key(REVOKED_KEY), "revoked": True},
         "slow": {"sha256": hash_key(SLOW_KEY), "rate_per_s": 0.01, "burst": 1},
+        "analytics": {"sha256": hash_key(ANALYTICS_KEY), "exposures": True},
     }
     return doc
 
@@ -403,3 +405,35 @@ def test_exposures_are_counted_per_declared_flag_and_variant(inst: TurnoutInstan
     )
     assert float(line.rsplit(" ", 1)[1]) >= 3
     assert "no-such-flag" not in text
+
+
+def test_exposure_stream_sends_each_served_evaluation(inst: TurnoutInstance) -> None:
+    """A key allowed to read exposures gets one SSE `exposure` event per evaluation served
+    (flag, variant, reason, unit); a key without that right is 403."""
+    denied = httpx.get(inst.edge_url + "/ofrep/v1/exposures", headers={"X-API-Key": APP_KEY})
+    assert denied.status_code == 403
+    with socket.create_connection((LOOPBACK, inst.edge_port), timeout=10) as s:
+        s.sendall(
+            f"GET /ofrep/v1/exposures?key={ANALYTICS_KEY} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+        received = b""
+        while b"turnout exposures" not in received:
+            received += s.recv(4096)
+        assert received.startswith(b"HTTP/1.1 200")
+        client_for(inst).get_string_details(
+            "greeting", "x", EvaluationContext("reader-1", {"email": "r@corp.com"})
+        )
+        while b'"unit":"reader-1"}' not in received:
+            chunk = s.recv(4096)
+            assert chunk, "stream closed before the event"
+            received += chunk
+    data = next(
+        line[6:] for line in received.split(b"\n") if line.startswith(b"data: ") and b"flag" in line
+    )
+    event = orjson.loads(data)
+    assert (event["flag"], event["variant"], event["reason"], event["unit"]) == (
+        "greeting",
+        "hi",
+        "TARGETING_MATCH",
+        "reader-1",
+    )
