@@ -437,3 +437,29 @@ def test_exposure_stream_sends_each_served_evaluation(inst: TurnoutInstance) -> 
         "TARGETING_MATCH",
         "reader-1",
     )
+
+
+def test_rate_bucket_refills_with_the_clock() -> None:
+    """A key's token bucket (driven by an explicit clock): `burst` requests pass, the next is
+    429 with the whole seconds until a token is back, and after that long one passes again."""
+    from edge.ofrep import Ofrep, Refusal
+    from flags.document import load_document
+    from flags.evaluate import compile_snapshot
+
+    now = [1000.0]
+    ofrep = Ofrep(clock=lambda: now[0])
+    doc = load_document(
+        {"api_keys": {"k": {"sha256": hash_key("s"), "rate_per_s": 0.5, "burst": 2}}}
+    )
+    ofrep.apply(compile_snapshot(doc))
+    headers = [(b"x-api-key", b"s")]
+    ofrep._authorize(headers, None)
+    ofrep._authorize(headers, None)
+    with pytest.raises(Refusal) as info:
+        ofrep._authorize(headers, None)
+    assert info.value.status == 429
+    assert dict(info.value.headers)[b"retry-after"] == b"2"  # 1 token at 0.5/s
+    now[0] += 2.0
+    ofrep._authorize(headers, None)
+    with pytest.raises(Refusal):
+        ofrep._authorize(headers, None)
