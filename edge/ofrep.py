@@ -400,51 +400,16 @@ class Ofrep:
         self, headers: list[tuple[bytes, bytes]], query: bytes, downstream: Downstream
     ) -> None:
         self._authorize(headers, _query_key(query))
-        await downstream.start(
-            200,
-            [
-                *_CORS,
-                (b"content-type", b"text/event-stream"),
-                (b"cache-control", b"no-cache"),
-                (b"x-accel-buffering", b"no"),  # nginx in front must not buffer the stream
-            ],
-        )
-        if not await downstream.write(b": turnout ofrep events\nretry: 2000\n\n", True):
-            return
-        hangup = _Hangup()
-        watcher = downstream.watch_disconnect(hangup)
-        try:
-            while not hangup.gone.is_set():
-                changed = self._changed
-                waits = [
-                    asyncio.ensure_future(changed.wait()),
-                    asyncio.ensure_future(hangup.gone.wait()),
-                ]
-                try:
-                    await asyncio.wait(
-                        waits, timeout=SSE_KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED
-                    )
-                finally:
-                    for waiter in waits:
-                        waiter.cancel()
-                if hangup.gone.is_set():
-                    return
-                if self.closing:
-                    await downstream.write(b"", False)
-                    return
-                if changed.is_set():
-                    event = {"type": "refetchEvaluation", "lastModified": self._last_modified}
-                    data = b"event: message\nid: v%d\ndata: %s\n\n" % (
-                        self.version,
-                        orjson.dumps(event),
-                    )
-                else:
-                    data = b": keep-alive\n\n"
-                if not await downstream.write(data, True):
-                    return
-        finally:
-            if watcher is not None:
-                watcher.cancel()
+        seen = [self.version]
+
+        def refetch() -> bytes:
+            if self.version == seen[0]:
+                return b""
+            seen[0] = self.version
+            event = {"type": "refetchEvaluation", "lastModified": self._last_modified}
+            return b"event: message\nid: v%d\ndata: %s\n\n" % (self.version, orjson.dumps(event))
+
+        await self._serve_stream(downstream, b": turnout ofrep events\nretry: 2000\n\n", refetch)
 
     async def _exposure_stream(
         self, headers: list[tuple[bytes, bytes]], query: bytes, downstream: Downstream
@@ -454,28 +419,47 @@ class Ofrep:
         api = self._authorize(headers, _query_key(query))
         if not api.exposures:
             raise Refusal(403, {"errorDetails": "this API key may not read exposures"})
+        sink = _Sink()
+        self.sinks.add(sink)
+        try:
+            await self._serve_stream(downstream, b": turnout exposures\n\n", sink.drain, sink.ready)
+        finally:
+            self.sinks.discard(sink)
+
+    async def _serve_stream(
+        self,
+        downstream: Downstream,
+        banner: bytes,
+        produce: Callable[[], bytes],
+        ready: asyncio.Event | None = None,
+    ) -> None:
+        """An SSE response: wake on `ready`, on a new version, on the client leaving or every
+        SSE_KEEPALIVE_S; write what `produce` has (a comment when nothing); end on shutdown."""
         await downstream.start(
             200,
             [
                 *_CORS,
                 (b"content-type", b"text/event-stream"),
                 (b"cache-control", b"no-cache"),
-                (b"x-accel-buffering", b"no"),
+                (b"x-accel-buffering", b"no"),  # nginx in front must not buffer the stream
             ],
         )
-        if not await downstream.write(b": turnout exposures\n\n", True):
+        if not await downstream.write(banner, True):
             return
-        sink = _Sink()
         hangup = _Hangup()
         watcher = downstream.watch_disconnect(hangup)
-        self.sinks.add(sink)
         try:
             while True:
-                waits = [
-                    asyncio.ensure_future(sink.ready.wait()),
-                    asyncio.ensure_future(hangup.gone.wait()),
-                    asyncio.ensure_future(self._changed.wait()),
-                ]
+                events = (
+                    [hangup.gone, self._changed]
+                    if ready is None
+                    else [
+                        hangup.gone,
+                        self._changed,
+                        ready,
+                    ]
+                )
+                waits = [asyncio.ensure_future(event.wait()) for event in events]
                 try:
                     await asyncio.wait(
                         waits, timeout=SSE_KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED
@@ -488,11 +472,9 @@ class Ofrep:
                 if self.closing:
                     await downstream.write(b"", False)
                     return
-                data = sink.drain() or b": keep-alive\n\n"
-                if not await downstream.write(data, True):
+                if not await downstream.write(produce() or b": keep-alive\n\n", True):
                     return
         finally:
-            self.sinks.discard(sink)
             if watcher is not None:
                 watcher.cancel()
 

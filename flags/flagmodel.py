@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -45,7 +45,7 @@ MAX_VARIANT_JSON_BYTES = 32 * 1024
 # Attribute names with a meaning of their own: the unit id (OFREP's targetingKey).
 UNIT_ATTRIBUTES = frozenset({"targetingKey", "key", "unit_id"})
 
-OPERATORS = (
+Operator = Literal[
     "equals",
     "not_equals",
     "in",
@@ -66,29 +66,8 @@ OPERATORS = (
     "not_in_segment",
     "on_canary",  # value: a release name; true while the unit is on that release's canary
     "exists",
-)
-Operator = Literal[
-    "equals",
-    "not_equals",
-    "in",
-    "not_in",
-    "starts_with",
-    "ends_with",
-    "contains",
-    "lt",
-    "lte",
-    "gt",
-    "gte",
-    "semver_eq",
-    "semver_lt",
-    "semver_lte",
-    "semver_gt",
-    "semver_gte",
-    "in_segment",
-    "not_in_segment",
-    "on_canary",
-    "exists",
 ]
+OPERATORS: tuple[str, ...] = get_args(Operator)
 STRING_OPS = frozenset({"starts_with", "ends_with", "contains"})
 NUMBER_OPS = frozenset({"lt", "lte", "gt", "gte"})
 SEMVER_OPS = frozenset({"semver_eq", "semver_lt", "semver_lte", "semver_gt", "semver_gte"})
