@@ -63,7 +63,7 @@ class Edge:
         self.watcher = watcher
         self._closing: set[asyncio.Task[None]] = set()
         self.pipeline.apply(watcher.snapshot)
-        self.ofrep = self.pipeline.ofrep = Ofrep()
+        self.ofrep = self.pipeline.ofrep = Ofrep(path_prefix=settings.ofrep_path_prefix)
         self.ofrep.apply(watcher.snapshot)
         watcher.listeners.append(self._on_config)
         watcher.listeners.append(self.ofrep.apply)

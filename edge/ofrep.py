@@ -130,8 +130,12 @@ class Keys:
 class Ofrep:
     """The OFREP endpoints of one worker."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, path_prefix: str = "") -> None:
         self.clock = clock
+        # Requests whose path starts with `mount` are OFREP's (the pipeline's one check).
+        self.mount = path_prefix.encode("ascii") + b"/ofrep/"
+        self.prefix = path_prefix.encode("ascii") + PREFIX
+        self.stream_path = path_prefix + STREAM_PATH
         self.flags: FlagSet | None = None
         self.keys = Keys({})
         self.version = 0
@@ -178,7 +182,8 @@ class Ofrep:
             if method == "OPTIONS":
                 await downstream.respond(204, [*_PREFLIGHT, (b"content-length", b"0")], b"")
                 return
-            route = path[len(PREFIX) :] if path.startswith(PREFIX) else None
+            prefix = self.prefix
+            route = path[len(prefix) :] if path.startswith(prefix) else None
             if route in (b"events", b"exposures"):
                 if method != "GET":
                     raise Refusal(405, {"errorDetails": "use GET"}, [(b"allow", b"GET")])
@@ -368,7 +373,7 @@ class Ofrep:
             "eventStreams": [
                 {
                     "type": "sse",
-                    "endpoint": {"requestUri": STREAM_PATH},
+                    "endpoint": {"requestUri": self.stream_path},
                     "inactivityDelaySec": SSE_INACTIVITY_DELAY_S,
                 }
             ],

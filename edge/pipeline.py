@@ -473,7 +473,7 @@ class Pipeline:
             path = canonical_path(raw_path)
             if b"#" in query:
                 raise Reject(400, "fragment in request target")  # HARDENING row 24
-            if self.ofrep is not None and path.startswith(b"/ofrep/"):
+            if self.ofrep is not None and path.startswith(self.ofrep.mount):
                 await self.ofrep.handle(method, path, query, headers, downstream)  # issue #11
                 return
             kept, host, unit_raw, cookie, email_raw, length, chunked = self.request_filter(

@@ -463,3 +463,38 @@ def test_rate_bucket_refills_with_the_clock() -> None:
     ofrep._authorize(headers, None)
     with pytest.raises(Refusal):
         ofrep._authorize(headers, None)
+
+
+def test_base_url_with_a_path_prefix(tmp_path: Path) -> None:
+    """With `ofrep_path_prefix: /tools/ff`, the real client configured with the base URL
+    `http://host/tools/ff` is answered, the bulk answer names the prefixed stream, and the
+    unprefixed `/ofrep/` path is ordinary proxied traffic."""
+    with backends("stable", "canary") as up:
+        instance = TurnoutInstance(
+            tmp_path / "state",
+            seed=flag_doc(up["stable"].url, up["canary"].url),
+            ofrep_path_prefix="/tools/ff",
+        ).start()
+        try:
+            headers = {"Authorization": f"Bearer {APP_KEY}"}
+            provider = OFREPProvider(
+                instance.edge_url + "/tools/ff", headers_factory=lambda: headers
+            )
+            domain = f"d{next(_domains)}"
+            api.set_provider(provider, domain)
+            details = api.get_client(domain).get_boolean_details("dark-mode", False, CTX)
+            assert (details.value, details.reason, details.error_code) == (
+                True,
+                Reason.STATIC,
+                None,
+            )
+            bulk = httpx.post(
+                instance.edge_url + "/tools/ff/ofrep/v1/evaluate/flags", json={}, headers=headers
+            ).json()
+            assert bulk["eventStreams"][0]["endpoint"]["requestUri"] == "/tools/ff/ofrep/v1/events"
+            proxied = httpx.post(
+                instance.edge_url + "/ofrep/v1/evaluate/flags/dark-mode", json={}, headers=headers
+            )
+            assert proxied.json()["backend"] in ("stable", "canary")  # the upstream answered
+        finally:
+            instance.stop()
