@@ -1,4 +1,4 @@
-"""Builds the data plane from settings: identity, pools, pipeline, the ASGI app."""
+"""Builds the data plane from settings: identity, pools, the pipeline."""
 
 from __future__ import annotations
 
@@ -8,14 +8,12 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from edge.asgi import EdgeApp
 from edge.identity import CookieSigner, Identity
 from edge.metrics import EdgeMetrics, TurnoutCollector
 from edge.ofrep import ExposureCollector, Ofrep
 from edge.pipeline import Pipeline
 from edge.targets import PoolSet
 from edge.upstream import Timeouts
-from edge.websocket import WebSocketProxy
 from flags.evaluate import Snapshot
 from flags.store import Revision
 from stores.secretfile import read_or_create_secret
@@ -59,11 +57,12 @@ class Edge:
             via_name=settings.via_name,
             max_body_bytes=settings.max_request_body_bytes,
         )
-        self.app = EdgeApp(self.pipeline, WebSocketProxy(self.pipeline))
         self.watcher = watcher
         self._closing: set[asyncio.Task[None]] = set()
         self.pipeline.apply(watcher.snapshot)
-        self.ofrep = self.pipeline.ofrep = Ofrep(path_prefix=settings.ofrep_path_prefix)
+        self.ofrep = self.pipeline.ofrep = Ofrep(
+            path_prefix=settings.ofrep_path_prefix, exposures=self.metrics.exposures
+        )
         self.ofrep.apply(watcher.snapshot)
         watcher.listeners.append(self._on_config)
         watcher.listeners.append(self.ofrep.apply)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client.core import (
@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from flags.evaluate import Snapshot
+    from flags.flageval import FlagSet
     from flags.store import Revision
     from stores.watch import ConfigWatcher
 
@@ -82,6 +83,10 @@ class EdgeMetrics:
         }
         self.upstream_errors: dict[tuple[str, str, str], int] = {}
         self.websockets: dict[tuple[str, str], int] = {}
+        # (flag, variant) -> evaluations served over OFREP (edge/ofrep.py counts, issue #11).
+        self.exposures: dict[tuple[str, str], int] = {}
+        # Open WebSocket tunnels by (release, arm), read at scrape time (edge/tunnel.py).
+        self.open_tunnels: Callable[[], dict[tuple[str, str], int]] = dict
         self.apply_lag = Histogram(LAG_BUCKETS_S)
 
     def count(self, release: str, arm: str, status: int) -> None:
@@ -96,6 +101,24 @@ class EdgeMetrics:
     def on_config_applied(self, snapshot: Snapshot, revision: Revision | None) -> None:
         if revision is not None:
             self.apply_lag.observe(max(0.0, time.time() - revision.info.created_at))
+
+
+def exposure_family(
+    exposures: dict[tuple[str, str], int], flags: FlagSet | None
+) -> CounterMetricFamily:
+    """`turnout_flag_exposures_total{flag, variant}` (A/B readouts, issue #11): only the
+    declared flags and variants of `flags`, so cardinality is the document's, not the
+    clients'. One process's counts, or the sum over the workers (edge/metricsnapshot.py)."""
+    family = CounterMetricFamily(
+        "turnout_flag_exposures",
+        "Flag evaluations served over OFREP, by flag and variant",
+        labels=["flag", "variant"],
+    )
+    for (flag, variant), count in sorted(exposures.items()):
+        compiled = flags.flags.get(flag) if flags is not None else None
+        if compiled is not None and variant in compiled.flag.variants:
+            family.add_metric([flag, variant], count)
+    return family
 
 
 class TurnoutCollector(Collector):
@@ -140,6 +163,14 @@ class TurnoutCollector(Collector):
         for (release, arm), value in sorted(m.websockets.items()):
             ws.add_metric([release, arm], value)
         yield ws
+        tunnels = GaugeMetricFamily(
+            "turnout_websocket_tunnels_open",
+            "Open WebSocket tunnels by release and arm",
+            labels=["release", "arm"],
+        )
+        for (release, arm), value in sorted(m.open_tunnels().items()):
+            tunnels.add_metric([release, arm], value)
+        yield tunnels
         yield GaugeMetricFamily(
             "turnout_config_version", "Applied configuration version", value=w.version
         )

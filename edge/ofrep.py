@@ -34,6 +34,7 @@ import orjson
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from edge.metrics import exposure_family
 from flags.evaluate import Snapshot
 from flags.flageval import (
     ERROR_FLAG_NOT_FOUND,
@@ -80,7 +81,8 @@ class Downstream(Protocol):
 
     async def write(self, data: bytes, more: bool) -> bool: ...
 
-    def watch_disconnect(self, on_gone: Any) -> asyncio.Task[None] | None: ...
+    def watch_disconnect(self, on_gone: Any) -> None:
+        """`on_gone.abort()` is called when the client disconnects."""
 
 
 class _Hangup:
@@ -130,7 +132,12 @@ class Keys:
 class Ofrep:
     """The OFREP endpoints of one worker."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic, path_prefix: str = "") -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        path_prefix: str = "",
+        exposures: dict[tuple[str, str], int] | None = None,
+    ) -> None:
         self.clock = clock
         # Requests whose path starts with `mount` are OFREP's (the pipeline's one check).
         self.mount = path_prefix.encode("ascii") + b"/ofrep/"
@@ -141,7 +148,8 @@ class Ofrep:
         self.version = 0
         self.buckets: dict[str, _Bucket] = {}
         # (flag, variant) -> count: bounded to declared flags and variants (issue #11, 6).
-        self.exposures: dict[tuple[str, str], int] = {}
+        # The edge passes `EdgeMetrics.exposures`, so a worker's snapshot carries them.
+        self.exposures: dict[tuple[str, str], int] = {} if exposures is None else exposures
         # Python >= 3.10: an Event binds to a loop on first wait, so one can be made here.
         self._changed = asyncio.Event()
         self._last_modified = int(time.time())
@@ -452,36 +460,28 @@ class Ofrep:
         if not await downstream.write(banner, True):
             return
         hangup = _Hangup()
-        watcher = downstream.watch_disconnect(hangup)
-        try:
-            while True:
-                events = (
-                    [hangup.gone, self._changed]
-                    if ready is None
-                    else [
-                        hangup.gone,
-                        self._changed,
-                        ready,
-                    ]
+        downstream.watch_disconnect(hangup)  # the front-end aborts it on disconnect
+        while True:
+            events = (
+                [hangup.gone, self._changed]
+                if ready is None
+                else [hangup.gone, self._changed, ready]
+            )
+            waits = [asyncio.ensure_future(event.wait()) for event in events]
+            try:
+                await asyncio.wait(
+                    waits, timeout=SSE_KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED
                 )
-                waits = [asyncio.ensure_future(event.wait()) for event in events]
-                try:
-                    await asyncio.wait(
-                        waits, timeout=SSE_KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED
-                    )
-                finally:
-                    for waiter in waits:
-                        waiter.cancel()
-                if hangup.gone.is_set():
-                    return
-                if self.closing:
-                    await downstream.write(b"", False)
-                    return
-                if not await downstream.write(produce() or b": keep-alive\n\n", True):
-                    return
-        finally:
-            if watcher is not None:
-                watcher.cancel()
+            finally:
+                for waiter in waits:
+                    waiter.cancel()
+            if hangup.gone.is_set():
+                return
+            if self.closing:
+                await downstream.write(b"", False)
+                return
+            if not await downstream.write(produce() or b": keep-alive\n\n", True):
+                return
 
 
 class _Sink:
@@ -525,24 +525,14 @@ def _query_key(query: bytes) -> str | None:
 
 
 class ExposureCollector(Collector):
-    """`turnout_flag_exposures_total{flag, variant}`: A/B readouts for the admin's /metrics."""
+    """`turnout_flag_exposures_total{flag, variant}` of this process for the admin's /metrics
+    (with `workers: N` the supervisor sums the workers' snapshots instead)."""
 
     def __init__(self, ofrep: Ofrep) -> None:
         self.ofrep = ofrep
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        family = CounterMetricFamily(
-            "turnout_flag_exposures",
-            "Flag evaluations served over OFREP, by flag and variant",
-            labels=["flag", "variant"],
-        )
-        flags = self.ofrep.flags
-        for (flag, variant), count in sorted(self.ofrep.exposures.items()):
-            # Only declared flags and variants: cardinality is the document's, not the clients'.
-            compiled = flags.flags.get(flag) if flags is not None else None
-            if compiled is not None and variant in compiled.flag.variants:
-                family.add_metric([flag, variant], count)
-        yield family
+        yield exposure_family(self.ofrep.exposures, self.ofrep.flags)
 
 
 def _error(key: str | None, code: str, details: str) -> dict[str, Any]:

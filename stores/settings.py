@@ -7,6 +7,7 @@ environment.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,15 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
+)
+
+from flags.errors import ConfigError
+
+MAX_WORKERS = 256  # far above any core count we run on; a typo like 4000 is refused
+
+EDGE_SERVER_REMOVED = (
+    "edge_server was removed: the edge always runs its own HTTP server; "
+    "use workers: N for more cores"
 )
 
 
@@ -30,15 +40,18 @@ class Settings(BaseSettings):
     admin_host: str = "127.0.0.1"
     admin_port: int = Field(default=8081, ge=0, le=65535)
     admin_token: SecretStr | None = None
-    # The edge's HTTP/1.1 server: "turnout" (edge/frontend.py, no ASGI) or "uvicorn" (the
-    # same pipeline behind the ASGI adapter, uvicorn's httptools protocol).
-    edge_server: Literal["turnout", "uvicorn"] = "turnout"
+    # Removed (issue #9): kept only so that setting it fails at start-up with a message
+    # naming the replacement instead of being ignored (environment) or refused unexplained.
+    edge_server: str | None = Field(default=None, exclude=True)
     # Client-side deadlines of the edge (HARDENING §2.7): an idle keep-alive connection is
     # closed; a request head must be complete this long after its first byte (else 408); a
     # request body or a full send buffer may stall this long (else 408 / abort).
     client_keepalive_timeout_s: float = Field(default=5.0, gt=0, le=3600)
     client_header_timeout_s: float = Field(default=10.0, gt=0, le=3600)
     client_idle_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    # Edge processes sharing the edge port (SO_REUSEPORT), as nginx's `worker_processes`:
+    # a number, or "auto" for one per core. 1 runs the edge inside the main process.
+    workers: int | Literal["auto"] = 1
 
     # Where this instance keeps its own files: the embedded store (unless `store` says
     # otherwise), the bootstrap copy, and generated secrets (admin token, cookie secret).
@@ -82,6 +95,37 @@ class Settings(BaseSettings):
 
     log_level: str = "info"
 
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> int | str:
+        # One line naming the setting, whatever the source (YAML, TURNOUT_WORKERS, --workers).
+        if isinstance(value, str):
+            value = value.strip().lower()
+            if value == "auto":
+                return "auto"
+            if not value.isdigit():
+                raise ValueError(f'must be a whole number from 1 to {MAX_WORKERS} or "auto"')
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+            raise ValueError(f'must be a whole number from 1 to {MAX_WORKERS} or "auto"')
+        return int(value)
+
+    @property
+    def worker_count(self) -> int:
+        """`workers` resolved: "auto" is the number of cores this process may run on."""
+        if self.workers == "auto":
+            return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+        return self.workers
+
+    @field_validator("edge_server")
+    @classmethod
+    def _removed_edge_server(cls, value: str | None) -> None:
+        if value is not None:
+            # ConfigError, not ValueError: pydantic passes it through unwrapped, so the
+            # operator reads one line instead of a validation report.
+            raise ConfigError("", EDGE_SERVER_REMOVED)
+        return None
+
     @field_validator("unit_header", "email_header", "unit_cookie")
     @classmethod
     def _token(cls, value: str) -> str:
@@ -93,7 +137,7 @@ class Settings(BaseSettings):
     @field_validator("unit_header", "email_header")
     @classmethod
     def _lower(cls, value: str) -> str:
-        return value.lower()  # ASGI header names arrive lower-cased
+        return value.lower()  # the front-end lower-cases header names (edge/frontend.py)
 
     @classmethod
     def settings_customise_sources(
