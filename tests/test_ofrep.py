@@ -102,7 +102,9 @@ def client_for(inst: TurnoutInstance, key: str | None = APP_KEY) -> OpenFeatureC
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     provider = OFREPProvider(inst.edge_url, headers_factory=lambda: headers)
     domain = f"d{next(_domains)}"
-    api.set_provider(provider, domain)
+    # openfeature-sdk 0.10 initialises a provider in a thread: evaluating before it is ready
+    # answers PROVIDER_NOT_READY (seen on a loaded machine), so wait for it.
+    api.set_provider_and_wait(provider, domain)
     return api.get_client(domain)
 
 
@@ -481,7 +483,7 @@ def test_base_url_with_a_path_prefix(tmp_path: Path) -> None:
                 instance.edge_url + "/tools/ff", headers_factory=lambda: headers
             )
             domain = f"d{next(_domains)}"
-            api.set_provider(provider, domain)
+            api.set_provider_and_wait(provider, domain)
             details = api.get_client(domain).get_boolean_details("dark-mode", False, CTX)
             assert (details.value, details.reason, details.error_code) == (
                 True,
