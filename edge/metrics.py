@@ -19,6 +19,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from edge.armstats import ArmStats
+
 if TYPE_CHECKING:
     from flags.evaluate import Snapshot
     from flags.flageval import FlagSet
@@ -88,6 +90,13 @@ class EdgeMetrics:
         # Open WebSocket tunnels by (release, arm), read at scrape time (edge/tunnel.py).
         self.open_tunnels: Callable[[], dict[tuple[str, str], int]] = dict
         self.apply_lag = Histogram(LAG_BUCKETS_S)
+        self.arms = ArmStats()  # the guard's rolling windows (edge/armstats.py)
+        # (release, criterion) -> automatic rollbacks by the guard (issue #10)
+        self.guard_rollbacks: dict[tuple[str, str], int] = {}
+        self.guard_verdicts: dict[str, str] = {}  # release -> last verdict
+        # (release, criterion) -> (canary value, threshold): the numbers behind the verdict
+        self.guard_criteria: dict[tuple[str, str], tuple[float, float]] = {}
+        self.plan_advances: dict[str, int] = {}
 
     def count(self, release: str, arm: str, status: int) -> None:
         key = (release, arm, status // 100)
@@ -124,9 +133,10 @@ def exposure_family(
 class TurnoutCollector(Collector):
     """Exports `EdgeMetrics` and the config watcher's state."""
 
-    def __init__(self, metrics: EdgeMetrics, watcher: ConfigWatcher) -> None:
+    def __init__(self, metrics: EdgeMetrics, watcher: ConfigWatcher, *, guard: bool = True) -> None:
         self.metrics = metrics
         self.watcher = watcher
+        self.guard = guard  # False where the guard's families come from elsewhere (workers)
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
         m, w = self.metrics, self.watcher
@@ -171,6 +181,8 @@ class TurnoutCollector(Collector):
         for (release, arm), value in sorted(m.open_tunnels().items()):
             tunnels.add_metric([release, arm], value)
         yield tunnels
+        if self.guard:
+            yield from guard_families(m)
         yield GaugeMetricFamily(
             "turnout_config_version", "Applied configuration version", value=w.version
         )
@@ -213,3 +225,43 @@ class TurnoutCollector(Collector):
         )
         lag.add_metric([], m.apply_lag.buckets(), m.apply_lag.total)
         yield lag
+
+
+def guard_families(m: EdgeMetrics) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    """The guard runner's and the phase plans' families (issue #10), from the `EdgeMetrics`
+    the runner writes: the edge's own in one process, the supervisor's with workers."""
+    rollbacks = CounterMetricFamily(
+        "turnout_guard_rollbacks",
+        "Automatic rollbacks by the guard, by release and criterion",
+        labels=["release", "criterion"],
+    )
+    for (release, criterion), value in sorted(m.guard_rollbacks.items()):
+        rollbacks.add_metric([release, criterion], value)
+    yield rollbacks
+    verdict = GaugeMetricFamily(
+        "turnout_guard_verdict",
+        "The guard's last verdict per release (1 for the verdict it is in)",
+        labels=["release", "verdict"],
+    )
+    for release, status in sorted(m.guard_verdicts.items()):
+        for name in ("pass", "breach", "insufficient"):
+            verdict.add_metric([release, name], 1 if status == name else 0)
+    yield verdict
+    criteria = GaugeMetricFamily(
+        "turnout_guard_criterion",
+        "Each guard criterion's current canary value and its threshold (rates as "
+        "fractions, latencies in ms, p99_ratio as a factor)",
+        labels=["release", "criterion", "kind"],
+    )
+    for (release, criterion), (current, limit) in sorted(m.guard_criteria.items()):
+        criteria.add_metric([release, criterion, "value"], current)
+        criteria.add_metric([release, criterion, "threshold"], limit)
+    yield criteria
+    advances = CounterMetricFamily(
+        "turnout_plan_advances",
+        "Phase plan advances by release",
+        labels=["release"],
+    )
+    for release, value in sorted(m.plan_advances.items()):
+        advances.add_metric([release], value)
+    yield advances

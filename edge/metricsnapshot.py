@@ -3,7 +3,12 @@
 With `workers: N` each edge process keeps its own `EdgeMetrics` (plain ints, no lock, no
 syscall on the request path) and sends `take_snapshot()` to the supervisor off the request
 path; the supervisor rebuilds the instance's view with `add_snapshot()` when Prometheus
-scrapes. Counters and histograms add up; gauges (the watcher's state) stay per worker.
+scrapes. Counters and histograms add up (the flag exposures OFREP counted too, exported
+only for flags the supervisor's applied version declares); gauges (the watcher's state) stay
+per worker, except
+the open WebSocket tunnels, which are the instance's sum over its live workers. The guard's
+per-arm windows travel beside the snapshot (edge/armstats.py `take`/`merge`) to the one guard
+runner in the supervisor, whose own families (`edge.metrics.guard_families`) join the scrape.
 """
 
 from __future__ import annotations
@@ -16,13 +21,14 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from edge.metrics import EdgeMetrics, Histogram, TurnoutCollector, exposure_family
+from edge.metrics import EdgeMetrics, Histogram, TurnoutCollector, exposure_family, guard_families
 
 if TYPE_CHECKING:
     from flags.flageval import FlagSet
     from stores.watch import ConfigWatcher
 
 Snapshot = dict[str, Any]
+TUNNELS_OPEN = "turnout_websocket_tunnels_open"
 
 
 class WatcherState(Protocol):
@@ -51,6 +57,7 @@ def take_snapshot(metrics: EdgeMetrics, watcher: WatcherState) -> Snapshot:
         "upstream_errors": [[*key, n] for key, n in metrics.upstream_errors.items()],
         "websockets": [[*key, n] for key, n in metrics.websockets.items()],
         "exposures": [[*key, n] for key, n in metrics.exposures.items()],
+        "tunnels_open": [[*key, n] for key, n in metrics.open_tunnels().items()],
         "upstream_latency": {
             arm: [hist.counts, hist.total, hist.n] for arm, hist in metrics.upstream_latency.items()
         },
@@ -154,6 +161,7 @@ class WorkerSetState:
 
     workers: int
     live: dict[int, Snapshot] = field(default_factory=dict)  # worker number -> last snapshot
+    guard: EdgeMetrics | None = None  # the supervisor's guard runner writes here (issue #10)
     retired: Snapshot | None = None  # the counters of every worker process that has exited
     restarts: dict[int, int] = field(default_factory=dict)  # worker number -> restarts
 
@@ -179,16 +187,20 @@ class WorkerSetCollector(Collector):
         merged = EdgeMetrics()
         if total is not None:
             add_snapshot(merged, total)
-            for family in TurnoutCollector(merged, as_watcher(total)).collect():
+            for family in TurnoutCollector(merged, as_watcher(total), guard=False).collect():
                 if family.type != "gauge":
                     yield family
         if self.flags is not None:
             yield exposure_family(merged.exposures, self.flags())
+        tunnels: dict[tuple[str, str], int] = {}
         for worker, snapshot in sorted(live.items()):
+            for release, arm, n in snapshot.get("tunnels_open", []):
+                key = (str(release), str(arm))
+                tunnels[key] = tunnels.get(key, 0) + int(n)
             metrics = EdgeMetrics()
             add_snapshot(metrics, snapshot)
-            for family in TurnoutCollector(metrics, as_watcher(snapshot)).collect():
-                if family.type != "gauge":
+            for family in TurnoutCollector(metrics, as_watcher(snapshot), guard=False).collect():
+                if family.type != "gauge" or family.name == TUNNELS_OPEN:
                     continue
                 labelled = gauges.get(family.name)
                 if labelled is None:
@@ -199,6 +211,16 @@ class WorkerSetCollector(Collector):
                 for sample in family.samples:
                     labelled.add_metric([str(worker)], sample.value)
         yield from gauges.values()
+        open_tunnels = GaugeMetricFamily(
+            TUNNELS_OPEN,
+            "Open WebSocket tunnels by release and arm (all workers)",
+            labels=["release", "arm"],
+        )
+        for (release, arm), n in sorted(tunnels.items()):
+            open_tunnels.add_metric([release, arm], n)
+        yield open_tunnels
+        if state.guard is not None:
+            yield from guard_families(state.guard)
         yield GaugeMetricFamily(
             "turnout_workers", "Edge worker processes configured", value=state.workers
         )

@@ -5,14 +5,16 @@ per-request context (edge/context.py).
                             internal headers; collect identity inputs; route  (HARDENING §2.1-2.6)
                             -- or, under the OFREP mount, hand the request to edge/ofrep.py
     identify                unit id (header > signed cookie > new signed cookie)
-    decide                  the route's release assigns the unit an arm -> its target
+    decide                  maintenance holds all but the internal cohort (503, issue #10);
+                            else the route's release assigns the unit an arm -> its target
     upstream_peer           the target's next upstream, round-robin over its pools
     upstream_request_filter the upstream head, re-framed (never the client's CL/TE) with
                             X-Forwarded-*, Via, X-Turnout-* and the release's
                             upstream flags (edge/flagheader.py)           (DESIGN.md §5)
     forward                 the lean pool (edge/upstream.py), or a WebSocket tunnel after a 101
     response_filter         strip hop-by-hop both ways, decision headers, Set-Cookie
-    logging                 the finished context: per-release, per-arm counters and latency
+    logging                 the finished context: per-release, per-arm counters and latency,
+                            the guard's per-arm windows (edge/armstats.py, issue #10)
 
 Rules of this file:
 * One admission (`admit`: request_filter -> identify -> decide) serves HTTP and WebSocket;
@@ -39,6 +41,7 @@ from edge.errors import UpstreamError, classify
 from edge.flagheader import flag_header_entries
 from edge.framing import CHUNKED, MAX_CONTENT_LENGTH_DIGITS, FramingError, request_framing
 from edge.identity import Identity
+from edge.maintenance import maintenance_answer
 from edge.metrics import EdgeMetrics
 from edge.ofrep import Ofrep
 from edge.targets import PoolSet, Target
@@ -46,10 +49,14 @@ from edge.tunnel import Handshake, Tunnel, TunnelRegistry, open_upstream
 from edge.upstream import UpstreamPool, UpstreamResponse
 from flags.evaluate import ARM_CANARY, CompiledRelease, Snapshot
 from flags.flageval import FlagSet
+from flags.rollout import Maintenance
 
 MAX_HEADERS = 100
 MAX_HEADER_BYTES = 64 * 1024
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Upstream closes of a WebSocket that are not failures (RFC 6455 §7.4.1: normal closure, going
+# away, no status code); any other code, or a dropped connection, is an error of the arm.
+CLEAN_CLOSE_CODES = frozenset({1000, 1001, 1005})
 
 # Header kinds for the one-pass request filter.
 _HOST, _CL, _TE, _CONN, _DROP, _FWD, _VIA, _COOKIE, _UNIT, _EMAIL, _XFF, _XFP = range(12)
@@ -160,6 +167,14 @@ class Reject(Exception):
         self.status = status
         self.message = message
         self.close = close
+
+
+class Held(Reject):
+    """Maintenance (issue #10): a 503 answered by `maintenance_response`, not refused."""
+
+    def __init__(self, maintenance: Maintenance) -> None:
+        super().__init__(503, maintenance.message, close=False)
+        self.maintenance = maintenance
 
 
 def canonical_path(raw: bytes) -> bytes:
@@ -274,7 +289,7 @@ class Pipeline:
         self.identity = identity
         self.pools = pools
         self.metrics = metrics
-        self.tunnels = TunnelRegistry()
+        self.tunnels = TunnelRegistry(on_end=self._tunnel_ended)
         metrics.open_tunnels = self.tunnels.counts
         self.kinds = dict(_REQUEST_KINDS)
         self.kinds[unit_header.encode("ascii")] = _UNIT
@@ -404,10 +419,17 @@ class Pipeline:
         ctx.unit, ctx.set_cookie = self.identity.resolve(ctx.unit_header, ctx.cookie)
 
     def decide(self, ctx: RequestContext) -> None:
-        """The route's release assigns the unit an arm (the bucketing contract, DESIGN.md §2)."""
+        """The route's release assigns the unit an arm (the bucketing contract, DESIGN.md §2).
+
+        Maintenance first (issue #10): everyone but the internal cohort, who pass so the team
+        can test, is held with a 503 before an arm is chosen, so a held request is never
+        counted against an arm."""
         route = ctx.route
         assert route is not None
         email = ctx.email.decode("utf-8", "replace") if ctx.email is not None else None
+        maintenance = route.maintenance
+        if maintenance is not None and not route.is_internal(ctx.unit, email):
+            raise Held(maintenance)
         decision = route.assign(ctx.unit, email)
         target = self.targets[route.name][1 if decision.arm == ARM_CANARY else 0]
         ctx.target = target
@@ -583,6 +605,20 @@ class Pipeline:
             headers.append((b"set-cookie", ctx.set_cookie))
         return status, headers, body
 
+    def maintenance_response(
+        self, maintenance: Maintenance, ctx: RequestContext, *, close: bool = False
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """error_response's sibling for maintenance: 503 with Retry-After (RFC 9110 §15.6.4,
+        §10.2.3), JSON or a short HTML page by Accept, never cached, the new unit's cookie."""
+        status, headers, body = maintenance_answer(maintenance, ctx.headers)
+        if close:
+            headers.append((b"connection", b"close"))
+        if self.expose:
+            headers.append((b"x-turnout-config-version", self._version_header))
+        if ctx.set_cookie is not None:
+            headers.append((b"set-cookie", ctx.set_cookie))
+        return status, headers, body
+
     async def _refuse(
         self,
         ctx: RequestContext,
@@ -594,6 +630,17 @@ class Pipeline:
         ctx.status = status
         await downstream.respond(*self.error_response(status, message, ctx, close=close))
 
+    async def _turn_away(
+        self, ctx: RequestContext, downstream: Downstream, exc: Reject, close: bool
+    ) -> None:
+        """Answer an admission that did not pass: held for maintenance, or refused."""
+        if isinstance(exc, Held):
+            ctx.status = exc.status
+            answer = self.maintenance_response(exc.maintenance, ctx, close=close)
+            await downstream.respond(*answer)
+            return
+        await self._refuse(ctx, downstream, exc.status, exc.message, close)
+
     # -- the whole exchange ------------------------------------------------------------------
 
     async def handle(self, ctx: RequestContext, downstream: Downstream) -> None:
@@ -602,7 +649,7 @@ class Pipeline:
             try:
                 self.admit(ctx)
             except Reject as exc:
-                await self._refuse(ctx, downstream, exc.status, exc.message, exc.close)
+                await self._turn_away(ctx, downstream, exc, exc.close)
                 return
             if ctx.ofrep:
                 assert self.ofrep is not None
@@ -732,7 +779,7 @@ class Pipeline:
             try:
                 self.admit(ctx)
             except Reject as exc:
-                await self._refuse(ctx, downstream, exc.status, exc.message, True)
+                await self._turn_away(ctx, downstream, exc, True)
                 return
             if ctx.ofrep:  # OFREP's SSE streams are plain HTTP; nothing there upgrades
                 await self._refuse(ctx, downstream, 400, "no WebSocket endpoint under OFREP", True)
@@ -800,16 +847,37 @@ class Pipeline:
     def logging(self, ctx: RequestContext) -> None:
         """The last phase: the finished exchange, refused, failed or answered.
 
-        Counts per-release, per-arm metrics today; the place for later per-request hooks
-        (access log, per-arm guard statistics). Exchanges refused before a release was
-        chosen have no per-arm series and are not counted here."""
+        Counts per-release, per-arm metrics and feeds the guard's per-arm windows (issue #10),
+        once per exchange, from the answer as the client got it: Turnout's own 502/503/504
+        for a dead or slow upstream count against the arm, and a body cut off mid-stream
+        (`error` "midstream" after a 2xx head) is an error of its one request. The latency is
+        the time to the upstream's response head, or to Turnout's own answer. A `101` is
+        judged when its tunnel ends (`_tunnel_ended`). Exchanges refused before a release was
+        chosen (and maintenance holds) have no per-arm series and are not counted here."""
         if ctx.target is None:
             return
         metrics = self.metrics
         release, arm = ctx.release, ctx.arm
-        if ctx.error is not None:
-            metrics.error(release, arm, ctx.error)
-        if ctx.upstream_s >= 0:
-            metrics.upstream_latency[arm].observe(ctx.upstream_s)
-        if ctx.status:
-            metrics.count(release, arm, ctx.status)
+        error = ctx.error
+        if error is not None:
+            metrics.error(release, arm, error)
+        upstream_s = ctx.upstream_s
+        if upstream_s >= 0:
+            metrics.upstream_latency[arm].observe(upstream_s)
+        status = ctx.status
+        if status:
+            metrics.count(release, arm, status)
+            if status != 101:
+                elapsed = upstream_s if upstream_s >= 0 else time.perf_counter() - ctx.started
+                metrics.arms.record(release, arm, status, elapsed, error is not None)
+
+    def _tunnel_ended(self, release: str, arm: str, upstream_code: int | None) -> None:
+        """A tunnel closed (edge/tunnel.py): counted once in the guard's windows when the
+        upstream ended it, as an error for an error close code or a dropped connection (issue
+        #10: "monitor WebSocket connections"). Closed by the client or by the edge: not judged."""
+        if upstream_code is None:
+            return
+        failed = upstream_code not in CLEAN_CLOSE_CODES
+        self.metrics.arms.record(release, arm, 500 if failed else 200, None, failed)
+        if failed:
+            self.metrics.error(release, arm, "websocket_close")

@@ -15,6 +15,11 @@ Rules of this file:
 * Flow control: when one side's write buffer is full (`pause_writing`), reading from the
   other side pauses until it drains (`resume_writing`); no byte is buffered without bound.
 * Tunnels are registered per release and arm (`TunnelRegistry`) to be counted and closed.
+  When one ends, the registry's `on_end` hears how the upstream ended it (issue #10: the
+  guard counts an upstream's error close against the arm): the status code of the close frame
+  it sent (read from the frame edges of its direction: a close frame's payload is at most 125
+  bytes, its first two are the code), 1006 when it dropped the connection without one, None
+  when the client or the edge closed first.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import asyncio
 import os
 import ssl as _ssl
 import struct
+from collections.abc import Callable
 
 import httptools
 
@@ -44,6 +50,9 @@ __all__ = [
 ]
 
 CLOSE_GOING_AWAY = 1001  # RFC 6455 §7.4.1: the server is going down
+CLOSE_NO_STATUS = 1005  # §7.4.1: a close frame without a status code
+CLOSE_ABNORMAL = 1006  # §7.4.1: the connection dropped without a close frame
+_OP_CLOSE = 0x8
 CLOSE_SERVICE_RESTART = 1012  # IANA WebSocket close code registry: service restart
 MAX_RESPONSE_HEAD_BYTES = 64 * 1024
 MAX_REFUSAL_BODY_BYTES = 1024 * 1024  # a refused upgrade's body is relayed whole, up to this
@@ -51,13 +60,18 @@ _MAX_CLOSE_REASON_BYTES = 123  # a control frame's payload is at most 125 bytes 
 
 
 class _FrameEdges:
-    """Where the frames of one direction end; payload bytes are skipped, never read."""
+    """Where the frames of one direction end; payload bytes are skipped, never read, except
+    the first two of a close frame (its status code, §5.5.1)."""
 
-    __slots__ = ("remaining", "partial")
+    __slots__ = ("remaining", "partial", "mask", "code_bytes", "in_close", "close_code")
 
     def __init__(self) -> None:
         self.remaining = 0  # payload bytes of the current frame still to come
         self.partial = b""  # the start of a frame header split across reads
+        self.mask = b""  # the current close frame's masking key (client frames, §5.3)
+        self.code_bytes = b""  # the current close frame's payload start, up to 2 bytes
+        self.in_close = False
+        self.close_code: int | None = None  # the first close frame's code, once complete
 
     @property
     def at_boundary(self) -> bool:
@@ -68,8 +82,12 @@ class _FrameEdges:
         while i < n:
             if self.remaining:
                 step = min(self.remaining, n - i)
+                if self.in_close and len(self.code_bytes) < 2:
+                    self.code_bytes += data[i : i + min(step, 2 - len(self.code_bytes))]
                 self.remaining -= step
                 i += step
+                if not self.remaining and self.in_close:
+                    self._close_done()
                 continue
             head = self.partial + data[i : i + 14]  # a header is at most 14 bytes (§5.2)
             if len(head) < 2:
@@ -87,6 +105,19 @@ class _FrameEdges:
             i += length - len(self.partial)
             self.partial = b""
             self.remaining = size
+            if head[0] & 0x0F == _OP_CLOSE and self.close_code is None:
+                self.in_close = True
+                self.mask = head[length - 4 : length] if head[1] >> 7 else b""
+                self.code_bytes = b""
+                if not size:
+                    self._close_done()
+
+    def _close_done(self) -> None:
+        code = self.code_bytes
+        if self.mask:
+            code = bytes(b ^ self.mask[k] for k, b in enumerate(code))
+        self.close_code = int.from_bytes(code, "big") if len(code) == 2 else CLOSE_NO_STATUS
+        self.in_close = False
 
 
 def close_frame(code: int, reason: str, *, masked: bool) -> bytes:
@@ -181,7 +212,7 @@ class _UpstreamSide(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         tunnel = self.tunnel
         if tunnel is not None:
-            tunnel.lost()
+            tunnel.lost(by_upstream=True)
         elif not self.done.done():
             if self.headers_done:
                 self._fail(ProtocolError("upstream closed the connection mid-response"))
@@ -339,7 +370,7 @@ class Tunnel:
         if client_bytes:
             self.to_upstream(client_bytes)
         if self.client.is_closing() or self.upstream.is_closing():
-            self.lost()  # one side went away during the handshake
+            self.lost(by_upstream=self.upstream.is_closing())  # one side went away
             return
         self.client.resume_reading()
 
@@ -359,12 +390,15 @@ class Tunnel:
     def upstream_reading(self, on: bool) -> None:
         _set_reading(self.upstream, on)
 
-    def lost(self) -> None:
+    def lost(self, *, by_upstream: bool = False) -> None:
         """One side closed: close the other once its buffered bytes are written."""
         if self.closed:
             return
         self.closed = True
-        self.registry.discard(self)
+        code = self._to_client.close_code
+        if code is None and by_upstream:
+            code = CLOSE_ABNORMAL
+        self.registry.ended(self, code)
         self.client.close()
         self.upstream.close()
 
@@ -374,7 +408,7 @@ class Tunnel:
         if self.closed:
             return
         self.closed = True
-        self.registry.discard(self)
+        self.registry.ended(self, self._to_client.close_code)
         for transport, edges, masked in (
             (self.client, self._to_client, False),
             (self.upstream, self._to_upstream, True),
@@ -400,8 +434,10 @@ def _set_reading(transport: asyncio.Transport, on: bool) -> None:
 class TunnelRegistry:
     """Open tunnels by (release, arm): counted for metrics, closed on drain or rollback."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_end: Callable[[str, str, int | None], None] | None = None) -> None:
         self._open: dict[tuple[str, str], set[Tunnel]] = {}
+        # (release, arm, the upstream's close code or None): see the rules above.
+        self.on_end = on_end
 
     def add(self, tunnel: Tunnel) -> None:
         self._open.setdefault((tunnel.release, tunnel.arm), set()).add(tunnel)
@@ -413,6 +449,12 @@ class TunnelRegistry:
             tunnels.discard(tunnel)
             if not tunnels:
                 del self._open[key]
+
+    def ended(self, tunnel: Tunnel, upstream_code: int | None) -> None:
+        """A tunnel closed: forget it and report how the upstream ended it."""
+        self.discard(tunnel)
+        if self.on_end is not None:
+            self.on_end(tunnel.release, tunnel.arm, upstream_code)
 
     def counts(self) -> dict[tuple[str, str], int]:
         """Open tunnels per (release, arm), for the metrics scrape."""

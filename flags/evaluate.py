@@ -31,6 +31,7 @@ from typing import Final
 from flags.document import STAGE_OFF, Document, Release, effective_percent
 from flags.flageval import FlagSet, compile_flags
 from flags.hashing import POSITION_SPACE, normalize_unit_id, position_with_prefix, threshold
+from flags.rollout import Maintenance
 
 ARM_STABLE: Final = "stable"
 ARM_CANARY: Final = "canary"
@@ -93,6 +94,7 @@ class CompiledRelease:
         "internal_domains",
         "stable",
         "canary",
+        "maintenance",
     )
 
     def __init__(self, doc: Document, name: str, rel: Release) -> None:
@@ -112,6 +114,13 @@ class CompiledRelease:
         self.internal_domains = frozenset(d.lower() for d in rel.internal.email_domains)
         self.stable = rel.stable
         self.canary = rel.canary
+        # Maintenance (issue #10): the release's own switch, else the document-wide one.
+        if rel.maintenance is not None and rel.maintenance.enabled:
+            self.maintenance: Maintenance | None = rel.maintenance
+        elif doc.maintenance is not None and doc.maintenance.enabled:
+            self.maintenance = doc.maintenance
+        else:
+            self.maintenance = None
 
     def is_internal(self, unit_id: str | None, email: str | None) -> bool:
         if unit_id is not None and unit_id in self.internal_ids:
@@ -248,4 +257,6 @@ def explain(
         "reason": decision.reason,
         "explanation": why,
         "version": snapshot.version,
+        # The guard's figures when it rolled the release back by itself (issue #10).
+        "rollback": doc_rel.rollback.model_dump(mode="json") if doc_rel.rollback else None,
     }

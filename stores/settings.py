@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -93,6 +93,21 @@ class Settings(BaseSettings):
     # prefix such as "/tools/ff" for clients configured with a base URL that has a path.
     ofrep_path_prefix: str = Field(default="", pattern=r"^(/[A-Za-z0-9._~-]+)*$", max_length=128)
 
+    # Guarded delivery (issue #10): the guard judges every `guard_interval_s`; webhooks get a
+    # JSON POST per rollback, phase advance, hold and approval request, signed with
+    # HMAC-SHA256 of `webhook_secret` (header X-Turnout-Signature: sha256=<hex>).
+    guard_enabled: bool = True
+    guard_interval_s: float = Field(default=1.0, ge=0.1, le=60)
+    instance_id: str | None = Field(default=None, max_length=64)
+    webhook_urls: list[str] = Field(default_factory=list, max_length=20)
+    webhook_secret: SecretStr | None = None
+    webhook_timeout_s: float = Field(default=2.0, gt=0, le=30)
+    webhook_max_attempts: int = Field(default=5, ge=1, le=20)
+    webhook_deadline_s: float = Field(default=60.0, gt=0, le=3600)
+    # After a rollback, the release's open canary WebSocket tunnels are closed with 1012
+    # ("service restart": reconnect) after this grace; their new upgrades go to stable.
+    websocket_rollback_grace_s: float = Field(default=5.0, ge=0, le=3600)
+
     log_level: str = "info"
 
     @field_validator("workers", mode="before")
@@ -133,6 +148,23 @@ class Settings(BaseSettings):
         if not value or any(c in value for c in ' \t\r\n:;,="') or not value.isascii():
             raise ValueError("must be a header/cookie name token")
         return value
+
+    @field_validator("webhook_urls")
+    @classmethod
+    def _webhook_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not url.startswith(("http://", "https://")) or len(url) > 2048:
+                raise ValueError(f"webhook URLs must be http:// or https:// URLs, got {url!r}")
+        return urls
+
+    @model_validator(mode="after")
+    def _webhook_secret(self) -> Settings:
+        # Receivers must be able to tell our events from forgeries (issue #10: signed).
+        if self.webhook_urls and (
+            self.webhook_secret is None or not self.webhook_secret.get_secret_value()
+        ):
+            raise ValueError("webhook_secret is required when webhook_urls are set")
+        return self
 
     @field_validator("unit_header", "email_header")
     @classmethod

@@ -472,6 +472,59 @@ def test_summed_counters_never_go_backwards_when_a_worker_is_replaced() -> None:
     assert b'turnout_worker_up{worker="1"} 1.0' in generate_latest(registry)
 
 
+def test_open_tunnels_and_guard_families_reach_the_supervisors_metrics() -> None:
+    """Open WebSocket tunnels are summed per release and arm over the live workers (a dead
+    worker's tunnels are gone with it), and the supervisor's guard runner's families are
+    exported once, beside the workers' sums; its windows take the workers' per-arm counts."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from edge.metrics import EdgeMetrics
+    from edge.metricsnapshot import WatcherView, WorkerSetCollector, WorkerSetState, take_snapshot
+
+    watcher = WatcherView(
+        {
+            "version": 1,
+            "age_seconds": 0.0,
+            "connected": True,
+            "stale": False,
+            "pending_override": False,
+            "failover_reloads": 0,
+            "rejected": {},
+        }
+    )
+
+    def snapshot(tunnels: int) -> tuple[dict[str, Any], list[list[Any]]]:
+        metrics = EdgeMetrics()
+        metrics.open_tunnels = lambda: {("web", "canary"): tunnels}
+        metrics.arms.record("web", "canary", 502, 0.01)
+        metrics.arms.record("web", "canary", 200, 0.01)
+        return take_snapshot(metrics, watcher), metrics.arms.take()
+
+    guard = EdgeMetrics()
+    guard.guard_rollbacks[("web", "max_error_rate")] = 1
+    guard.guard_verdicts["web"] = "breach"
+    state = WorkerSetState(workers=2, guard=guard)
+    for worker, tunnels in ((1, 2), (2, 3)):
+        state.live[worker], rows = snapshot(tunnels)
+        guard.arms.merge(rows)
+    registry = CollectorRegistry()
+    registry.register(WorkerSetCollector(state))
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert value("turnout_websocket_tunnels_open", release="web", arm="canary") == 5
+    assert value("turnout_guard_rollbacks_total", release="web", criterion="max_error_rate") == 1
+    assert value("turnout_guard_verdict", release="web", verdict="breach") == 1
+    assert generate_latest(registry).count(b"# TYPE turnout_guard_verdict gauge") == 1
+    assert generate_latest(registry).count(b"# TYPE turnout_websocket_tunnels_open gauge") == 1
+    guard.arms.rotate()
+    canary, _ = guard.arms.horizons("web")[2]
+    assert (canary.requests, canary.errors) == (4, 2)
+    del state.live[2]  # worker 2 died: its tunnels died with it
+    assert value("turnout_websocket_tunnels_open", release="web", arm="canary") == 2
+
+
 def test_flag_exposures_sum_over_workers_survive_a_replaced_worker_and_stay_declared() -> None:
     """Each worker's exposure counts travel in its snapshot: the supervisor sums them, keeps a
     dead worker's counts, and exports only flags and variants its applied version declares."""

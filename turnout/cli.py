@@ -526,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--version", type=_version_number, metavar="N", help="an older version instead"
     )
     cli_flags.register(client_command)  # `turnout flag ...` and `turnout import ...` (#11)
+    from turnout.cli_rollout import register  # issue #10: plan, maintenance, status RELEASE
+
+    register(commands, client_command)
     return parser
 
 

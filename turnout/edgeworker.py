@@ -11,7 +11,9 @@ Rules of this file:
   signs and checks the same cookies.
 * The control socket (a Unix socketpair with the supervisor) carries one JSON line per
   message, worker -> supervisor only: `{"ready": pid}` once listening, then
-  `{"metrics": snapshot}` every METRICS_PUSH_INTERVAL_S and after each applied config.
+  `{"metrics": snapshot, "arms": rows}` every METRICS_PUSH_INTERVAL_S and after each applied
+  config; `arms` are the guard's per-arm counts since the previous push (edge/armstats.py
+  `take`), judged by the one guard runner in the supervisor (turnout/workers.py).
   End of file on it means the supervisor is gone: the worker drains and exits.
 * SIGTERM / SIGINT drain: stop accepting, finish requests in flight within the graceful
   deadline, exit 0.
@@ -95,7 +97,8 @@ async def run_worker(settings: Settings, worker: int, control_fd: int) -> int:
     channel = ControlChannel(writer)
 
     def push(*_: Any) -> None:
-        channel.send({"metrics": take_snapshot(edge.metrics, watcher)})
+        snapshot = take_snapshot(edge.metrics, watcher)
+        channel.send({"metrics": snapshot, "arms": edge.metrics.arms.take()})
 
     watcher.listeners.append(push)  # a new version is visible in /metrics at once
 

@@ -20,11 +20,15 @@ from prometheus_client import CollectorRegistry
 
 from edge.app import Edge
 from edge.frontend import EdgeServer
+from edge.guardian import Guardian
 from flags.document import load_document
 from flags.errors import ConfigError
 from flags.store import Store
+from stores.events import EventBus
+from stores.fleetstats import fleet_stats_for
 from stores.settings import Settings
 from stores.watch import ConfigWatcher
+from stores.webhooks import Notifier
 
 log = logging.getLogger("turnout.server")
 
@@ -130,10 +134,30 @@ async def serve(
     await watcher.start()
     registry = CollectorRegistry()
     edge = Edge(settings, watcher, registry)
-    admin_app = create_admin_app(settings, store, watcher, registry)
+    # Guarded delivery (issue #10): the guard judges beside the watcher, never on the
+    # request path; webhooks and the event stream hang off its events.
+    events = EventBus()
+    notifier = Notifier.from_settings(settings)
+    if notifier is not None:
+        events.hooks.append(notifier.notify)
+        notifier.start()
+    guardian = Guardian(
+        store=store,
+        watcher=watcher,
+        metrics=edge.metrics,
+        events=events,
+        fleet=fleet_stats_for(store),
+        instance_id=settings.instance_id,
+        interval_s=settings.guard_interval_s,
+    )
+    if settings.guard_enabled:
+        guardian.start()
+    admin_app = create_admin_app(
+        settings, store, watcher, registry, release_health=guardian.health, events=events
+    )
     servers: list[Any] = [edge_server(edge, settings), _Server(admin_config(admin_app, settings))]
     if context is not None:  # for tests and embedding: the live objects of this instance
-        context.update(store=store, watcher=watcher, edge=edge, servers=servers)
+        context.update(store=store, watcher=watcher, edge=edge, servers=servers, guardian=guardian)
 
     loop = asyncio.get_running_loop()
 
@@ -188,6 +212,9 @@ async def serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(sig)
+        await guardian.stop()
+        if notifier is not None:
+            await notifier.aclose()
         await watcher.stop()
         await edge.aclose()
 

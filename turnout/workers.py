@@ -18,6 +18,7 @@ Rules of this file:
   DRAIN_DEADLINE_S, exit 0.
 * `/metrics` is served here from the snapshots the workers push (turnout/edgeworker.py
   explains why push): counters summed, watcher gauges per worker.
+* The guard (issue #10) runs here, once per instance: see `start_guard`.
 """
 
 from __future__ import annotations
@@ -36,12 +37,18 @@ from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from admin.auth import resolve_admin_token
+from edge.guardian import Guardian
 from edge.listener import reserve_port
+from edge.metrics import EdgeMetrics
 from edge.metricsnapshot import WorkerSetCollector, WorkerSetState, fold
 from flags.errors import ConfigError
+from flags.store import Store
+from stores.events import EventBus
+from stores.fleetstats import fleet_stats_for
 from stores.secretfile import read_or_create_secret
 from stores.settings import Settings
 from stores.watch import ConfigWatcher
+from stores.webhooks import Notifier
 from turnout.edgeworker import settings_payload
 from turnout.server import _Server, admin_config, make_store, seed_store
 
@@ -126,6 +133,9 @@ class WorkerProcess:
                 message = orjson.loads(line)
                 if "metrics" in message:
                     state.live[self.number] = message["metrics"]
+                rows = message.get("arms")
+                if rows and state.guard is not None:
+                    state.guard.arms.merge(rows)
                 if "ready" in message:
                     self.ready.set()
         except (ConnectionError, ValueError, asyncio.LimitOverrunError) as exc:
@@ -163,6 +173,8 @@ class Supervisor:
         self.stopping = asyncio.Event()
         self.payload = b""
         self.cwd = str(Path.cwd())
+        # The guard runner's metrics and windows: the workers' per-arm counts merge in here.
+        self.state.guard = EdgeMetrics()
 
     def hand_down(self, settings: Settings) -> None:
         """The settings every worker gets: secrets resolved once, here."""
@@ -251,6 +263,40 @@ class Supervisor:
             await asyncio.gather(*pending, return_exceptions=True)
 
 
+def start_guard(
+    settings: Settings, store: Store, watcher: ConfigWatcher, metrics: EdgeMetrics
+) -> tuple[Guardian, EventBus, Notifier | None]:
+    """ONE guard runner per instance, here in the supervisor, judging the sum of its workers'
+    traffic (each worker pushes its per-arm counts with its metrics snapshot).
+
+    Why not a guard in every worker: each sees only the share of the traffic the kernel gave
+    its socket (SO_REUSEPORT), so N guards would judge N thin samples (slower to reach the
+    minimum samples, and N commits racing on every breach); and with the file store there
+    would be no channel between them at all. Why not the fleet store: a file store has none,
+    and on Redis it would put N entries per instance per second on the store. The supervisor
+    already receives every worker's push each second over the control socket, holds the
+    store and the admin API (whose health view and event stream read this runner), and
+    outlives the workers; across instances it still shares counts through the fleet store
+    like a one-process instance does."""
+    events = EventBus()
+    notifier = Notifier.from_settings(settings)
+    if notifier is not None:
+        events.hooks.append(notifier.notify)
+        notifier.start()
+    guardian = Guardian(
+        store=store,
+        watcher=watcher,
+        metrics=metrics,
+        events=events,
+        fleet=fleet_stats_for(store),
+        instance_id=settings.instance_id,
+        interval_s=settings.guard_interval_s,
+    )
+    if settings.guard_enabled:
+        guardian.start()
+    return guardian, events, notifier
+
+
 async def supervise(
     settings: Settings,
     *,
@@ -287,7 +333,12 @@ async def supervise(
     # The flag exposures the workers push are summed too, limited to the flags declared in
     # the supervisor's applied version (issue #11).
     registry.register(WorkerSetCollector(supervisor.state, flags=lambda: watcher.snapshot.flags))
-    admin = _Server(admin_config(create_admin_app(settings, store, watcher, registry), settings))
+    assert supervisor.state.guard is not None
+    guardian, events, notifier = start_guard(settings, store, watcher, supervisor.state.guard)
+    admin_app = create_admin_app(
+        settings, store, watcher, registry, release_health=guardian.health, events=events
+    )
+    admin = _Server(admin_config(admin_app, settings))
 
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
@@ -334,5 +385,8 @@ async def supervise(
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(sig)
+        await guardian.stop()
+        if notifier is not None:
+            await notifier.aclose()
         await watcher.stop()
         reservation.close()
