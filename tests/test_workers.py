@@ -23,6 +23,7 @@ import pytest
 from stores.settings import Settings
 from tests.harness import ThreadedServer, backends, release_doc, wait_until
 from tests.serveproc import LOOPBACK, ROOT, ServeProcess, children, connection_owner, free_port
+from turnout.workers import migrates_queued_connections
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -249,7 +250,17 @@ def test_a_killed_worker_is_restarted_and_the_other_keeps_serving(
                 failures.append(f"new: {exc!r}")
             finally:
                 fresh.close()
-        assert failures == []
+        kept_failures = [f for f in failures if f.startswith("kept")]
+        assert kept_failures == []
+        if migrates_queued_connections():
+            assert failures == []
+        else:
+            # Without net.ipv4.tcp_migrate_req, Linux resets a connection still queued at the
+            # killed worker's listener (the supervisor warns about it at start): such a fresh
+            # connection may be reset, never answered wrongly, and most get through.
+            assert all("ConnectionResetError" in f for f in failures), failures
+            assert len(failures) <= 5, failures
+            assert "tcp_migrate_req is 0" in proc.log_text()
         pattern = rf"worker {number} \(pid {victim}\) killed by signal SIGKILL"
         assert wait_until(lambda: re.search(pattern, proc.log_text()) is not None, 10)
         assert wait_until(

@@ -297,6 +297,18 @@ def start_guard(
     return guardian, events, notifier
 
 
+MIGRATE_REQ_SYSCTL = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+
+
+def migrates_queued_connections() -> bool:
+    """Whether the kernel hands a closing listener's queued connections to the rest of its
+    SO_REUSEPORT group (Linux >= 5.14, `net.ipv4.tcp_migrate_req`); unknown counts as yes."""
+    try:
+        return MIGRATE_REQ_SYSCTL.read_text().strip() != "0"
+    except OSError:
+        return True
+
+
 async def supervise(
     settings: Settings,
     *,
@@ -327,6 +339,13 @@ async def supervise(
         store, bootstrap_path=settings.bootstrap_file, poll_interval_s=settings.poll_interval_s
     )
     await watcher.start()
+    if not migrates_queued_connections():
+        # Linux resets the connections still queued at a listener that closes (a worker killed
+        # or crashing) unless they may move to another socket of the SO_REUSEPORT group.
+        log.warning(
+            "net.ipv4.tcp_migrate_req is 0: connections queued at a worker that dies are reset "
+            "instead of handed to the other workers (sysctl -w net.ipv4.tcp_migrate_req=1)"
+        )
     supervisor = Supervisor(settings, count)
     supervisor.hand_down(settings)
     registry = CollectorRegistry()
