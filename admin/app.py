@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from admin import config, health, releases, repair, rollout, versions
+from admin import config, flags, health, releases, repair, rollout, versions
 from admin.auth import BearerAuth, ReadGuard, is_loopback, resolve_admin_token
 from admin.context import AdminContext
 from admin.responses import ApiError, json_response
@@ -79,6 +79,7 @@ def create_admin_app(
             *config.routes(ctx),
             *releases.routes(ctx),
             *versions.routes(ctx),
+            *flags.routes(ctx),
             *repair.routes(ctx),
             *rollout.routes(ctx),
         ],

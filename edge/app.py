@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 from edge.accesslog import AccessLog
 from edge.identity import CookieSigner, Identity
 from edge.metrics import EdgeMetrics, TurnoutCollector
+from edge.ofrep import ExposureCollector, Ofrep
 from edge.pipeline import Pipeline
 from edge.targets import PoolSet
 from edge.tunnel import CLOSE_SERVICE_RESTART
@@ -65,10 +66,16 @@ class Edge:
         self.watcher = watcher
         self._closing: set[asyncio.Task[None]] = set()
         self.pipeline.apply(watcher.snapshot)
+        self.ofrep = self.pipeline.ofrep = Ofrep(
+            path_prefix=settings.ofrep_path_prefix, exposures=self.metrics.exposures
+        )
+        self.ofrep.apply(watcher.snapshot)
         watcher.listeners.append(self._on_config)
+        watcher.listeners.append(self.ofrep.apply)
         watcher.listeners.append(self.metrics.on_config_applied)
         if registry is not None:
             registry.register(TurnoutCollector(self.metrics, watcher))
+            registry.register(ExposureCollector(self.ofrep))
 
     def _on_config(self, snapshot: Snapshot, revision: Revision | None) -> None:
         previous = self.pipeline.snapshot

@@ -39,6 +39,7 @@ class RequestContext:
         "email",
         "length",
         "chunked",
+        "ofrep",
         # identify + decide
         "route",
         "release",
@@ -84,6 +85,7 @@ class RequestContext:
         self.email: bytes | None = None
         self.length = -1  # request body length; -1 when none is declared
         self.chunked = False
+        self.ofrep = False  # under the OFREP mount: served by edge/ofrep.py, never routed
         self.route: CompiledRelease | None = None
         self.release = ""
         self.unit = ""

@@ -44,9 +44,8 @@ import httptools
 from edge.context import RequestContext
 from edge.deadline import Deadline
 from edge.framing import CHUNKED, CONTENT_LENGTH, NO_BODY, UNTIL_CLOSE, outgoing_framing
-from edge.pipeline import MAX_HEADER_BYTES, MAX_HEADERS, ClientGone, Pipeline
+from edge.pipeline import MAX_HEADER_BYTES, MAX_HEADERS, Abortable, ClientGone, Pipeline
 from edge.tunnel import CLOSE_GOING_AWAY
-from edge.upstream import UpstreamResponse
 
 log = logging.getLogger("turnout.edge")
 
@@ -240,7 +239,7 @@ class _Request:
             await conn.drain()
         return not conn.gone
 
-    def watch_disconnect(self, on_gone: UpstreamResponse) -> None:
+    def watch_disconnect(self, on_gone: Abortable) -> None:
         self.conn.on_gone = on_gone  # aborted by connection_lost: no task needed
 
     def _finish(self) -> None:
@@ -301,7 +300,7 @@ class EdgeConnection(asyncio.Protocol):
         # The task answering `active`; dropped when it ends so an idle keep-alive connection
         # does not keep its last request's finished task alive (0.6 KiB each).
         self.task: asyncio.Task[None] | None = None
-        self.on_gone: UpstreamResponse | None = None
+        self.on_gone: Abortable | None = None
         self.raw_head = 0  # bytes fed while a head is incomplete
         self.in_head = False
         self.reading_paused = False

@@ -23,6 +23,7 @@ from edge.armstats import ArmStats
 
 if TYPE_CHECKING:
     from flags.evaluate import Snapshot
+    from flags.flageval import FlagSet
     from flags.store import Revision
     from stores.watch import ConfigWatcher
 
@@ -84,6 +85,8 @@ class EdgeMetrics:
         }
         self.upstream_errors: dict[tuple[str, str, str], int] = {}
         self.websockets: dict[tuple[str, str], int] = {}
+        # (flag, variant) -> evaluations served over OFREP (edge/ofrep.py counts, issue #11).
+        self.exposures: dict[tuple[str, str], int] = {}
         # Open WebSocket tunnels by (release, arm), read at scrape time (edge/tunnel.py).
         self.open_tunnels: Callable[[], dict[tuple[str, str], int]] = dict
         self.apply_lag = Histogram(LAG_BUCKETS_S)
@@ -107,6 +110,24 @@ class EdgeMetrics:
     def on_config_applied(self, snapshot: Snapshot, revision: Revision | None) -> None:
         if revision is not None:
             self.apply_lag.observe(max(0.0, time.time() - revision.info.created_at))
+
+
+def exposure_family(
+    exposures: dict[tuple[str, str], int], flags: FlagSet | None
+) -> CounterMetricFamily:
+    """`turnout_flag_exposures_total{flag, variant}` (A/B readouts, issue #11): only the
+    declared flags and variants of `flags`, so cardinality is the document's, not the
+    clients'. One process's counts, or the sum over the workers (edge/metricsnapshot.py)."""
+    family = CounterMetricFamily(
+        "turnout_flag_exposures",
+        "Flag evaluations served over OFREP, by flag and variant",
+        labels=["flag", "variant"],
+    )
+    for (flag, variant), count in sorted(exposures.items()):
+        compiled = flags.flags.get(flag) if flags is not None else None
+        if compiled is not None and variant in compiled.flag.variants:
+            family.add_metric([flag, variant], count)
+    return family
 
 
 class TurnoutCollector(Collector):

@@ -3,7 +3,9 @@
 With `workers: N` each edge process keeps its own `EdgeMetrics` (plain ints, no lock, no
 syscall on the request path) and sends `take_snapshot()` to the supervisor off the request
 path; the supervisor rebuilds the instance's view with `add_snapshot()` when Prometheus
-scrapes. Counters and histograms add up; gauges (the watcher's state) stay per worker, except
+scrapes. Counters and histograms add up (the flag exposures OFREP counted too, exported
+only for flags the supervisor's applied version declares); gauges (the watcher's state) stay
+per worker, except
 the open WebSocket tunnels, which are the instance's sum over its live workers. The guard's
 per-arm windows travel beside the snapshot (edge/armstats.py `take`/`merge`) to the one guard
 runner in the supervisor, whose own families (`edge.metrics.guard_families`) join the scrape.
@@ -12,16 +14,17 @@ runner in the supervisor, whose own families (`edge.metrics.guard_families`) joi
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from edge.metrics import EdgeMetrics, Histogram, TurnoutCollector, guard_families
+from edge.metrics import EdgeMetrics, Histogram, TurnoutCollector, exposure_family, guard_families
 
 if TYPE_CHECKING:
+    from flags.flageval import FlagSet
     from stores.watch import ConfigWatcher
 
 Snapshot = dict[str, Any]
@@ -53,6 +56,7 @@ def take_snapshot(metrics: EdgeMetrics, watcher: WatcherState) -> Snapshot:
         "requests": [[*key, n] for key, n in metrics.requests.items()],
         "upstream_errors": [[*key, n] for key, n in metrics.upstream_errors.items()],
         "websockets": [[*key, n] for key, n in metrics.websockets.items()],
+        "exposures": [[*key, n] for key, n in metrics.exposures.items()],
         "tunnels_open": [[*key, n] for key, n in metrics.open_tunnels().items()],
         "upstream_latency": {
             arm: [hist.counts, hist.total, hist.n] for arm, hist in metrics.upstream_latency.items()
@@ -92,6 +96,9 @@ def add_snapshot(target: EdgeMetrics, snapshot: Snapshot) -> None:
     for *key, n in snapshot["websockets"]:
         w = (str(key[0]), str(key[1]))
         target.websockets[w] = target.websockets.get(w, 0) + int(n)
+    for *key, n in snapshot.get("exposures", ()):  # .get: a worker from before issue #11
+        x = (str(key[0]), str(key[1]))
+        target.exposures[x] = target.exposures.get(x, 0) + int(n)
     for arm, data in snapshot["upstream_latency"].items():
         if arm not in target.upstream_latency:
             target.upstream_latency[arm] = Histogram(
@@ -161,10 +168,14 @@ class WorkerSetState:
 
 class WorkerSetCollector(Collector):
     """The whole instance: counters and histograms summed over every worker (and the workers
-    that exited), the watcher's gauges per worker with a `worker` label."""
+    that exited), the watcher's gauges per worker with a `worker` label. With `flags` (the
+    supervisor's applied flags), the summed flag exposures too, limited to declared flags."""
 
-    def __init__(self, state: WorkerSetState) -> None:
+    def __init__(
+        self, state: WorkerSetState, flags: Callable[[], FlagSet | None] | None = None
+    ) -> None:
         self.state = state
+        self.flags = flags
 
     def collect(self) -> Iterator[Metric]:
         state = self.state
@@ -173,12 +184,14 @@ class WorkerSetCollector(Collector):
         for snapshot in live.values():
             total = fold(total, snapshot)
         gauges: dict[str, GaugeMetricFamily] = {}
+        merged = EdgeMetrics()
         if total is not None:
-            merged = EdgeMetrics()
             add_snapshot(merged, total)
             for family in TurnoutCollector(merged, as_watcher(total), guard=False).collect():
                 if family.type != "gauge":
                     yield family
+        if self.flags is not None:
+            yield exposure_family(merged.exposures, self.flags())
         tunnels: dict[tuple[str, str], int] = {}
         for worker, snapshot in sorted(live.items()):
             for release, arm, n in snapshot.get("tunnels_open", []):

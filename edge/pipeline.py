@@ -3,12 +3,14 @@ per-request context (edge/context.py).
 
     request_filter          validate framing, Host and path; strip hop-by-hop, nominated and
                             internal headers; collect identity inputs; route  (HARDENING §2.1-2.6)
+                            -- or, under the OFREP mount, hand the request to edge/ofrep.py
     identify                unit id (header > signed cookie > new signed cookie)
     decide                  maintenance holds all but the internal cohort (503, issue #10);
                             else the route's release assigns the unit an arm -> its target
     upstream_peer           the target's next upstream, round-robin over its pools
     upstream_request_filter the upstream head, re-framed (never the client's CL/TE) with
-                            X-Forwarded-*, Via and X-Turnout-*            (DESIGN.md §5)
+                            X-Forwarded-*, Via, X-Turnout-* and the release's
+                            upstream flags (edge/flagheader.py)           (DESIGN.md §5)
     forward                 the lean pool (edge/upstream.py), or a WebSocket tunnel after a 101
     response_filter         strip hop-by-hop both ways, decision headers, Set-Cookie
     logging                 the finished context: per-release, per-arm counters and latency,
@@ -38,14 +40,17 @@ from typing import Protocol
 from edge.accesslog import AccessLog
 from edge.context import RequestContext
 from edge.errors import UpstreamError, classify
+from edge.flagheader import flag_header_entries
 from edge.framing import CHUNKED, MAX_CONTENT_LENGTH_DIGITS, FramingError, request_framing
 from edge.identity import Identity
 from edge.maintenance import maintenance_answer
 from edge.metrics import EdgeMetrics
+from edge.ofrep import Ofrep
 from edge.targets import PoolSet, Target
 from edge.tunnel import Handshake, Tunnel, TunnelRegistry, open_upstream
 from edge.upstream import UpstreamPool, UpstreamResponse
 from flags.evaluate import ARM_CANARY, CompiledRelease, Snapshot
+from flags.flageval import FlagSet
 from flags.rollout import Maintenance
 
 MAX_HEADERS = 100
@@ -117,6 +122,13 @@ _UNRESERVED = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
+class Abortable(Protocol):
+    """What a client disconnect aborts: a streamed upstream response, or an OFREP SSE
+    stream's hang-up signal (edge/ofrep.py)."""
+
+    def abort(self) -> None: ...
+
+
 class Downstream(Protocol):
     """What the pipeline needs from the client side (edge/frontend.py implements it)."""
 
@@ -132,7 +144,7 @@ class Downstream(Protocol):
     async def write(self, data: bytes, more: bool) -> bool:
         """A body chunk; False when the client is gone."""
 
-    def watch_disconnect(self, on_gone: UpstreamResponse) -> None:
+    def watch_disconnect(self, on_gone: Abortable) -> None:
         """Abort `on_gone` when the client disconnects during a streamed response."""
 
 
@@ -291,9 +303,11 @@ class Pipeline:
         self.via = b"1.1 " + via_name.encode("ascii")
         self.max_body_bytes = max_body_bytes
         self.snapshot: Snapshot | None = None
+        self.flags: FlagSet | None = None  # the snapshot's compiled flags (flags/flageval.py)
         self.targets: dict[str, tuple[Target, Target]] = {}
         self._version_header = b"0"
         self._host_cache: dict[bytes, str] = {}
+        self.ofrep: Ofrep | None = None  # OFREP endpoints under /ofrep/ (edge/ofrep.py, #11)
         # The logging phase's access log (set by edge.app.Edge; None when `access_log: off`).
         self.access_log: AccessLog | None = None
 
@@ -305,14 +319,19 @@ class Pipeline:
         targets = self.pools.targets(snapshot)
         self.targets = targets
         self.snapshot = snapshot
+        self.flags = snapshot.flags
         self._version_header = str(snapshot.version).encode()
         return self.pools.unused(targets.values())
 
     # -- admission: request_filter -> identify -> decide ---------------------------------------
 
     def admit(self, ctx: RequestContext) -> None:
-        """The admission steps every exchange (HTTP or WebSocket) takes; `Reject` refuses."""
+        """The admission steps every exchange (HTTP or WebSocket) takes; `Reject` refuses.
+        An OFREP request (`ctx.ofrep`) is admitted by `request_filter` alone: it has no route,
+        no unit cookie and no arm; the caller hands it to edge/ofrep.py."""
         self.request_filter(ctx)
+        if ctx.ofrep:
+            return
         self.identify(ctx)
         self.decide(ctx)
 
@@ -391,6 +410,10 @@ class Pipeline:
         ctx.unit_header = unit
         ctx.cookie = cookie
         ctx.email = email
+        ofrep = self.ofrep
+        if ofrep is not None and path.startswith(ofrep.mount):
+            ctx.ofrep = True  # served by the edge itself, before any route (issue #11)
+            return
         route = self.route(host, path)
         if route is None:
             raise Reject(404, "no route for this host and path", close=False)
@@ -504,6 +527,11 @@ class Pipeline:
         parts.append(host if host is not None else target.pools[0].host.encode("ascii"))
         parts.append(b"\r\n")
         parts += ctx.kept
+        flags = self.flags
+        if flags is not None and ctx.release in flags.upstream:
+            # The release's upstream flags for this unit, one capped header (edge/flagheader.py).
+            email = ctx.email.decode("utf-8", "replace") if ctx.email is not None else None
+            parts += flag_header_entries(flags, ctx.release, ctx.unit, email)
         parts.append(target.upstream_headers)
         if ctx.websocket:
             parts.append(b"connection: upgrade\r\nupgrade: websocket\r\n")  # RFC 6455 §4.1
@@ -627,6 +655,10 @@ class Pipeline:
                 self.admit(ctx)
             except Reject as exc:
                 await self._turn_away(ctx, downstream, exc, exc.close)
+                return
+            if ctx.ofrep:
+                assert self.ofrep is not None
+                await self.ofrep.handle(ctx.method, ctx.path, ctx.query, ctx.headers, downstream)
                 return
             await self.forward(ctx, self.upstream_request_filter(ctx), downstream)
         finally:
@@ -755,6 +787,9 @@ class Pipeline:
                 self.admit(ctx)
             except Reject as exc:
                 await self._turn_away(ctx, downstream, exc, True)
+                return
+            if ctx.ofrep:  # OFREP's SSE streams are plain HTTP; nothing there upgrades
+                await self._refuse(ctx, downstream, 400, "no WebSocket endpoint under OFREP", True)
                 return
             head = self.upstream_request_filter(ctx)
             pool = self.upstream_peer(ctx)

@@ -20,6 +20,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flags.errors import ConfigError
+from flags.flagmodel import ApiKey, Flag, Segment, check_flags
 from flags.hashing import normalize_unit_id
 from flags.rollout import (
     GuardCriteria,
@@ -122,6 +123,11 @@ class Document(BaseModel):
     cohorts: dict[str, Cohort] = Field(default_factory=dict)
     releases: dict[str, Release] = Field(default_factory=dict)
     routes: tuple[Route, ...] = ()
+    # Feature flags (issue #11; models and checks in flags/flagmodel.py).
+    flags: dict[str, Flag] = Field(default_factory=dict)
+    segments: dict[str, Segment] = Field(default_factory=dict)
+    flags_killed: bool = False  # the global flag kill switch: every flag serves its off variant
+    api_keys: dict[str, ApiKey] = Field(default_factory=dict)
     maintenance: Maintenance | None = None  # every route (issue #10)
 
     def to_json(self) -> bytes:
@@ -293,3 +299,4 @@ def check_document(doc: Document) -> None:
                 f"duplicate route {route.host} {route.path_prefix} (also routes.{seen[key]})",
             )
         seen[key] = i
+    check_flags(doc)

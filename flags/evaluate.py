@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from flags.document import STAGE_OFF, Document, Release, effective_percent
+from flags.flageval import FlagSet, compile_flags
 from flags.hashing import POSITION_SPACE, normalize_unit_id, position_with_prefix, threshold
 from flags.rollout import Maintenance
 
@@ -175,6 +176,7 @@ class Snapshot:
     wildcard: _RouteTable | None
     stale: bool = False
     source: str = "store"
+    flags: FlagSet | None = None  # compiled feature flags (flags/flageval.py, issue #11)
 
     @property
     def version(self) -> int:
@@ -205,6 +207,7 @@ def compile_snapshot(doc: Document, *, stale: bool = False, source: str = "store
         wildcard=_table(wildcard) if wildcard else None,
         stale=stale,
         source=source,
+        flags=compile_flags(doc, releases),
     )
 
 

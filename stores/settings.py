@@ -110,6 +110,9 @@ class Settings(BaseSettings):
     upstream_keepalive_s: float = Field(default=4.0, gt=0)
     upstream_max_connections: int = Field(default=512, ge=1)
     max_request_body_bytes: int = Field(default=100 * 1024 * 1024, ge=0)
+    # OFREP is served under <ofrep_path_prefix>/ofrep/v1/ on the edge (docs/flags.md): a
+    # prefix such as "/tools/ff" for clients configured with a base URL that has a path.
+    ofrep_path_prefix: str = Field(default="", pattern=r"^(/[A-Za-z0-9._~-]+)*$", max_length=128)
 
     # Guarded delivery (issue #10): the guard judges every `guard_interval_s`; webhooks get a
     # JSON POST per rollback, phase advance, hold and approval request, signed with

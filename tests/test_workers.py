@@ -539,6 +539,61 @@ def test_open_tunnels_and_guard_families_reach_the_supervisors_metrics() -> None
     assert value("turnout_websocket_tunnels_open", release="web", arm="canary") == 2
 
 
+def test_flag_exposures_sum_over_workers_survive_a_replaced_worker_and_stay_declared() -> None:
+    """Each worker's exposure counts travel in its snapshot: the supervisor sums them, keeps a
+    dead worker's counts, and exports only flags and variants its applied version declares."""
+    from prometheus_client import CollectorRegistry
+
+    from edge.metrics import EdgeMetrics
+    from edge.metricsnapshot import (
+        WatcherView,
+        WorkerSetCollector,
+        WorkerSetState,
+        fold,
+        take_snapshot,
+    )
+    from flags.document import load_document
+    from flags.evaluate import compile_snapshot
+    from tests.test_flagheader import cohort_doc
+
+    flags = compile_snapshot(load_document(cohort_doc("http://s", "http://c"))).flags
+    watcher = WatcherView(
+        {
+            "version": 1,
+            "age_seconds": 0.0,
+            "connected": True,
+            "stale": False,
+            "pending_override": False,
+            "failover_reloads": 0,
+            "rejected": {},
+        }
+    )
+
+    def snapshot(off: int) -> dict[str, Any]:
+        metrics = EdgeMetrics()
+        metrics.exposures[("staff", "off")] = off
+        metrics.exposures[("gone", "on")] = 4  # a flag deleted since it was counted
+        metrics.exposures[("staff", "maybe")] = 2  # not a declared variant
+        return take_snapshot(metrics, watcher)
+
+    state = WorkerSetState(workers=2, live={1: snapshot(5), 2: snapshot(7)})
+    registry = CollectorRegistry()
+    registry.register(WorkerSetCollector(state, flags=lambda: flags))
+
+    def exposures() -> dict[tuple[str, str], float]:
+        return {
+            (s.labels["flag"], s.labels["variant"]): s.value
+            for family in registry.collect()
+            for s in family.samples
+            if s.name == "turnout_flag_exposures_total"
+        }
+
+    assert exposures() == {("staff", "off"): 12}
+    state.retired = fold(state.retired, state.live.pop(1))  # worker 1 died
+    state.live[1] = snapshot(0)  # and came back empty
+    assert exposures() == {("staff", "off"): 12}
+
+
 def test_process_layout_matches_the_workers_setting(
     sweep_instance: tuple[ServeProcess, dict[str, ThreadedServer]],
 ) -> None:
@@ -621,3 +676,52 @@ def test_every_worker_writes_whole_access_log_lines(
         if line.startswith("{") and '"worker"' in line
     ]
     assert {entry["worker"] for entry in worker_lines} == {1, 2}
+
+
+# -- feature flags in every worker (issue #11) -------------------------------------------------
+
+
+def test_flags_work_in_every_worker_and_their_exposures_sum_in_metrics(
+    tmp_path: Path, up: dict[str, ThreadedServer]
+) -> None:
+    """With --workers 2 each worker answers OFREP and carries the flag header upstream, the
+    supervisor's /metrics sums the exposures both workers counted, and SIGTERM ends an open
+    SSE change stream with its last chunk (the worker closes OFREP on drain) instead of
+    cutting it at the graceful deadline."""
+    from tests.test_flagheader import SECRET, cohort_doc
+
+    auth = {"authorization": f"Bearer {SECRET}"}
+    with serving(tmp_path, up, seed=cohort_doc(up["stable"].url, up["canary"].url)) as proc:
+        pids = proc.worker_pids()
+        for pid in pids:
+            conn = connect_to(proc, pid)
+            for i in range(3):
+                body = orjson.dumps({"context": {"targetingKey": f"unit-{pid}-{i}"}})
+                conn.request(
+                    "POST",
+                    "/ofrep/v1/evaluate/flags/staff",
+                    body=body,
+                    headers={**auth, "content-type": "application/json"},
+                )
+                response = conn.getresponse()
+                answer = orjson.loads(response.read())
+                assert response.status == 200 and answer["variant"] == "off", answer
+            status, _, page = get(conn, "/page", x_user_id=f"unit-{pid}")
+            assert status == 200
+            sent = [v for k, v in orjson.loads(page)["headers"] if k == "x-turnout-flags"]
+            assert len(sent) == 1 and "staff=off" in sent[0].split(", "), sent
+            conn.close()
+        exposures = "turnout_flag_exposures_total"
+        assert wait_until(lambda: proc.metric_sum(exposures, flag="staff", variant="off") == 6, 10)
+        assert proc.metric_sum(exposures, flag="checkout") == 0  # evaluated upstream, not OFREP
+
+        stream = connect_to(proc, pids[0])
+        stream.request("GET", "/ofrep/v1/events", headers=auth)
+        response = stream.getresponse()
+        assert response.status == 200
+        assert b"turnout ofrep events" in response.readline()
+        proc.signal(signal.SIGTERM)
+        response.read()  # http.client raises IncompleteRead if the stream is cut mid-chunk
+        stream.close()
+        assert proc.proc is not None
+        assert proc.proc.wait(30) == 0

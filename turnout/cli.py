@@ -36,6 +36,7 @@ from flags.document import Document, load_document
 from flags.errors import ConfigError
 from stores.settings import load_settings
 from stores.yamlfile import YamlError, read_mapping_file
+from turnout import cli_flags
 
 if TYPE_CHECKING:
     # Imported lazily by the client commands only: `turnout serve` and its edge workers
@@ -993,6 +994,7 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument(
         "--version", type=_version_number, metavar="N", help="an older version instead"
     )
+    cli_flags.register(client_command)  # `turnout flag ...` and `turnout import ...` (#11)
     from turnout.cli_rollout import register  # issue #10: plan, maintenance, status RELEASE
 
     register(commands, client_command)

@@ -104,6 +104,7 @@ async def run_worker(settings: Settings, worker: int, control_fd: int) -> int:
     watcher.listeners.append(push)  # a new version is visible in /metrics at once
 
     def stop() -> None:
+        edge.ofrep.close()  # OFREP SSE streams end now rather than at the graceful deadline
         server.should_exit = True
 
     loop = asyncio.get_running_loop()

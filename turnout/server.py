@@ -165,6 +165,7 @@ async def serve(
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
+        edge.ofrep.close()  # SSE streams end now rather than at the graceful deadline
         for server in servers:
             server.should_exit = True
 

@@ -349,7 +349,9 @@ async def supervise(
     supervisor = Supervisor(settings, count)
     supervisor.hand_down(settings)
     registry = CollectorRegistry()
-    registry.register(WorkerSetCollector(supervisor.state))
+    # The flag exposures the workers push are summed too, limited to the flags declared in
+    # the supervisor's applied version (issue #11).
+    registry.register(WorkerSetCollector(supervisor.state, flags=lambda: watcher.snapshot.flags))
     assert supervisor.state.guard is not None
     guardian, events, notifier = start_guard(settings, store, watcher, supervisor.state.guard)
     admin_app = create_admin_app(
