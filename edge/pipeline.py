@@ -148,6 +148,37 @@ class Downstream(Protocol):
         """Abort `on_gone` when the client disconnects during a streamed response."""
 
 
+class RecordedDownstream:
+    """A `Downstream` that notes the status and body bytes of what is answered through it in
+    the context, for answers made outside the pipeline's own phases (OFREP, edge/ofrep.py),
+    so the logging phase sees them like any other exchange."""
+
+    __slots__ = ("downstream", "ctx")
+
+    def __init__(self, downstream: Downstream, ctx: RequestContext) -> None:
+        self.downstream = downstream
+        self.ctx = ctx
+
+    async def read_body(self) -> tuple[bytes, bool]:
+        return await self.downstream.read_body()
+
+    async def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.ctx.status = status
+        self.ctx.bytes_sent = len(body)
+        await self.downstream.respond(status, headers, body)
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.ctx.status = status
+        await self.downstream.start(status, headers)
+
+    async def write(self, data: bytes, more: bool) -> bool:
+        self.ctx.bytes_sent += len(data)
+        return await self.downstream.write(data, more)
+
+    def watch_disconnect(self, on_gone: Abortable) -> None:
+        self.downstream.watch_disconnect(on_gone)
+
+
 class UpstreamHead(Protocol):
     """The parts of an upstream answer `response_filter` reads (a pooled response, or the
     answer to a WebSocket upgrade)."""
@@ -658,7 +689,8 @@ class Pipeline:
                 return
             if ctx.ofrep:
                 assert self.ofrep is not None
-                await self.ofrep.handle(ctx.method, ctx.path, ctx.query, ctx.headers, downstream)
+                answered = RecordedDownstream(downstream, ctx) if self.access_log else downstream
+                await self.ofrep.handle(ctx.method, ctx.path, ctx.query, ctx.headers, answered)
                 return
             await self.forward(ctx, self.upstream_request_filter(ctx), downstream)
         finally:

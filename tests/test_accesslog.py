@@ -249,3 +249,39 @@ def test_a_websocket_upgrade_is_one_line_when_the_101_is_answered(tmp_path: Path
         "web",
         "stable",
     )
+
+
+def test_ofrep_answers_are_logged_with_their_status_and_bytes(tmp_path: Path) -> None:
+    """An OFREP evaluation (answered by the edge itself, no release) is one access log line
+    with the status and body bytes the client got, like any other exchange."""
+    from tests.test_flagheader import SECRET, cohort_doc
+
+    log_file = tmp_path / "access.log"
+    with backends("stable", "canary") as servers:
+        seed = cohort_doc(servers["stable"].url, servers["canary"].url)
+        instance = TurnoutInstance(tmp_path / "state", seed=seed, access_log=str(log_file))
+        instance.start()
+        try:
+            with httpx.Client(base_url=instance.edge_url) as client:
+                answer = client.post(
+                    "/ofrep/v1/evaluate/flags/staff",
+                    json={"context": {"targetingKey": "u1"}},
+                    headers={"authorization": f"Bearer {SECRET}"},
+                )
+                assert answer.status_code == 200
+                assert client.post("/ofrep/v1/evaluate/flags/staff", json={}).status_code == 401
+
+            def two_lines() -> bool:
+                return log_file.exists() and len(log_file.read_text().splitlines()) >= 2
+
+            assert wait_until(two_lines, 10)
+        finally:
+            instance.stop()
+    lines = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert (lines[0]["path"], lines[0]["status"], lines[0]["release"]) == (
+        "/ofrep/v1/evaluate/flags/staff",
+        200,
+        None,
+    )
+    assert lines[0]["bytes"] == len(answer.content)
+    assert lines[1]["status"] == 401
