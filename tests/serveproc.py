@@ -142,12 +142,14 @@ class ServeProcess:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"turnout exited {self.proc.returncode}: {self.log_text()}")
+                raise RuntimeError(
+                    f"turnout exited {self.proc.returncode}: {self.log_text()[-4000:]}"
+                )
             if self._ready() and (self.workers == 1 or len(self.worker_pids()) >= 2):
                 return self
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"turnout did not start: {self.log_text()}")
+        raise RuntimeError(f"turnout did not start: {self.log_text()[-4000:]}")
 
     def _ready(self) -> bool:
         with contextlib.suppress(OSError, http.client.HTTPException):
@@ -156,7 +158,8 @@ class ServeProcess:
         return False
 
     def log_text(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
+        """The whole log so far (the access log writes to it too, so a tail can miss a line)."""
+        return self.log.read_text(errors="replace")
 
     def worker_pids(self) -> list[int]:
         """The edge worker processes (the supervisor itself with workers: 1)."""

@@ -42,10 +42,7 @@ def worker_numbers(proc: ServeProcess) -> dict[int, int]:
     """pid -> worker number, from the supervisor's "worker K started (pid P)" log lines."""
     return {
         int(pid): int(k)
-        # The whole log: log_text() is its tail, and access log lines (stdout) follow.
-        for k, pid in re.findall(
-            r"worker (\d+) started \(pid (\d+)\)", proc.log.read_text(errors="replace")
-        )
+        for k, pid in re.findall(r"worker (\d+) started \(pid (\d+)\)", proc.log_text())
     }
 
 
