@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flags.errors import ConfigError
 from flags.hashing import normalize_unit_id
+from flags.ratelimits import RateLimit, check_rate_limits
 
 STAGE_OFF = "off"
 STAGE_INTERNAL = "internal"
@@ -108,6 +109,7 @@ class Document(BaseModel):
     cohorts: dict[str, Cohort] = Field(default_factory=dict)
     releases: dict[str, Release] = Field(default_factory=dict)
     routes: tuple[Route, ...] = ()
+    rate_limits: dict[str, RateLimit] = Field(default_factory=dict)  # flags/ratelimits.py
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
@@ -281,3 +283,4 @@ def check_document(doc: Document) -> None:
                 f"duplicate route {route.host} {route.path_prefix} (also routes.{seen[key]})",
             )
         seen[key] = i
+    check_rate_limits(doc.rate_limits, doc.releases, NAME_RE)
