@@ -57,6 +57,8 @@ class Edge:
             expose_decision_headers=settings.expose_decision_headers,
             via_name=settings.via_name,
             max_body_bytes=settings.max_request_body_bytes,
+            via_upstream=settings.via_upstream,
+            rewrite_redirects=settings.rewrite_upstream_redirects,
         )
         self.app = EdgeApp(self.pipeline, WebSocketProxy(self.pipeline))
         self.watcher = watcher

@@ -27,6 +27,7 @@ from typing import Protocol
 
 from edge.identity import Identity
 from edge.metrics import EdgeMetrics
+from edge.redirects import LOCATION_FIELDS, relative_location, upstream_origins
 from edge.targets import PoolSet, Target
 from edge.upstream import (
     UpstreamConnectError,
@@ -212,6 +213,8 @@ class Pipeline:
         expose_decision_headers: bool,
         via_name: str,
         max_body_bytes: int,
+        via_upstream: bool = False,
+        rewrite_redirects: bool = True,
     ) -> None:
         self.identity = identity
         self.pools = pools
@@ -223,6 +226,8 @@ class Pipeline:
         self.trusted_hops = trusted_hops
         self.expose = expose_decision_headers
         self.via = b"1.1 " + via_name.encode("ascii")
+        self.via_upstream = via_upstream  # issue #12: off, as nginx, Envoy and HAProxy
+        self.rewrite_redirects = rewrite_redirects
         self.max_body_bytes = max_body_bytes
         self.snapshot: Snapshot | None = None
         self.targets: dict[str, tuple[Target, Target]] = {}
@@ -311,7 +316,13 @@ class Pipeline:
                 raise Reject(501, "unsupported Transfer-Encoding")
             chunked = True
         elif cl is not None:
-            if not cl.isdigit() or len(cl) > MAX_CONTENT_LENGTH_DIGITS:
+            # A leading zero ("010") is read as 10 by some parsers and 8 by others: refuse it
+            # (HARDENING table (a) row 5).
+            if (
+                not cl.isdigit()
+                or len(cl) > MAX_CONTENT_LENGTH_DIGITS
+                or (len(cl) > 1 and cl[:1] == b"0")
+            ):
                 raise Reject(400, "invalid Content-Length")
             length = int(cl)
             if length > self.max_body_bytes:
@@ -369,7 +380,10 @@ class Pipeline:
         ]
         if host is not None:
             out += (b"x-forwarded-host", b": ", host, b"\r\n")
-        out += (b"via", b": ", (via + b", " + self.via) if via else self.via, b"\r\n")
+        if self.via_upstream:
+            out += (b"via", b": ", (via + b", " + self.via) if via else self.via, b"\r\n")
+        elif via:
+            out += (b"via", b": ", via, b"\r\n")  # the client's, passed on as nginx does
         return out
 
     def route(self, host: bytes | None, path: bytes) -> CompiledRelease | None:
@@ -399,6 +413,8 @@ class Pipeline:
                 elif name == b"content-length":
                     declared = value
                 continue
+            if name in LOCATION_FIELDS and self.rewrite_redirects:
+                value = relative_location(value, upstream_origins(target.pools))
             out.append((name, value))
         if nominated is not None and nominated.lower() not in (b"keep-alive", b"close"):
             names = {t.strip() for t in nominated.lower().split(b",")}
