@@ -38,7 +38,6 @@ from flags.document import load_document
 from flags.evaluate import compile_snapshot
 
 SETTLE_STEPS = 400  # loop turns (of ~1 ms at most) an input may take to be answered
-UPSTREAM_LINGER_S = 0.02  # the fuzzed upstream keeps its connection open this long
 CLEAN_BODY = b"clean"
 
 
@@ -246,11 +245,11 @@ class EdgeRig:
                 if self.mode == "response" and got.startswith(b"GET /a ", start):
                     # The fuzzed answer, on whichever connection the pool picked; a request
                     # that then arrives on this connection is recorded and never answered.
+                    # The half-close ends a close-delimited or truncated answer at once.
                     writer.write(self.reply)
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(UPSTREAM_LINGER_S):
-                            if await reader.read(65536):
-                                self.log.reused_after_fuzz = True
+                    writer.write_eof()
+                    if await reader.read(65536):
+                        self.log.reused_after_fuzz = True
                     return
                 _, done, _ = count_messages(bytes(got), response=False)
                 for _ in range(done - answered):
@@ -305,9 +304,7 @@ class EdgeRig:
         self.loop.run_until_complete(wait())
 
     def _settle_upstream(self) -> None:
-        self.loop.run_until_complete(
-            asyncio.sleep(UPSTREAM_LINGER_S if self.mode == "response" else 0)
-        )
+        self.loop.run_until_complete(asyncio.sleep(0))
 
     def _check(self, sent: bytes, out: bytes) -> None:
         begun, complete, _ = count_messages(sent, response=False)
