@@ -84,6 +84,7 @@ def main() -> int:
 
     def fleet() -> RateLimiter:
         lim = limiter({"u": {"key": "unit", "requests": 1_000_000, "per_s": 1}})
+        lim.take_demand()  # as the fleet sync does: per-key demand is counted from now on
         lim.set_shares(4, {"u": {u: 0.25 for u in units[:5000]}})
         return lim
 

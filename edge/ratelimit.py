@@ -39,11 +39,16 @@ from flags.ratelimits import KEY_ARM, KEY_CLIENT, KEY_ROUTE, KEY_UNIT, RateLimit
 # memory under key rotation (random unit ids, IPv6 addresses), and rotation buys nothing.
 MAX_KEYS_PER_LIMIT = 100_000
 OVERFLOW_KEY = "\x00overflow"
+# A full table is swept on the request path at most this often: a table full of live keys
+# must not cost a sweep per new key (the sync task sweeps off the request path anyway).
+INLINE_SWEEP_EVERY_S = 1.0
 # Float sums of intervals drift by ulps; a request this close to its slot is on time.
 CLOCK_SLACK_S = 1e-9
 RETRY_AFTER_MIN_S = 1  # RFC 9110 §10.2.3: delay-seconds is a non-negative integer
 
 Clock = Callable[[], float]
+_UNIT, _CLIENT, _ROUTE, _ARM = range(4)
+_KINDS = {KEY_UNIT: _UNIT, KEY_CLIENT: _CLIENT, KEY_ROUTE: _ROUTE, KEY_ARM: _ARM}
 
 
 class Bucket:
@@ -60,6 +65,10 @@ class Bucket:
         "demand",
         "max_keys",
         "policy_header",
+        "track_demand",
+        "next_sweep",
+        "kind",
+        "exempt_internal",
     )
 
     def __init__(self, name: str, limit: RateLimit, max_keys: int = MAX_KEYS_PER_LIMIT) -> None:
@@ -71,7 +80,11 @@ class Bucket:
         self.tats: dict[str, float] = {}
         self.shares: dict[str, float] = {}  # key -> learned local interval (fleet sync)
         self.demand: dict[str, int] = {}  # attempts since the last sync (fleet sync)
+        self.track_demand = False  # on once a fleet sync takes the demand
         self.max_keys = max_keys
+        self.next_sweep = 0.0
+        self.kind = _KINDS[limit.key]  # an int: the request path compares it, not a string
+        self.exempt_internal = limit.exempt_internal
         # draft-ietf-httpapi-ratelimit-headers-10 §3: a String identifier, q quota, w window.
         self.policy_header = f'"{name}";q={limit.requests};w={limit.per_s}'.encode()
 
@@ -81,15 +94,18 @@ class Bucket:
         tat = tats.get(key)
         if tat is None:
             if len(tats) >= self.max_keys:
-                self.sweep(now)
+                if now >= self.next_sweep:
+                    self.next_sweep = now + INLINE_SWEEP_EVERY_S
+                    self.sweep(now)
                 if len(tats) >= self.max_keys:
                     key = OVERFLOW_KEY
                     tat = tats.get(key)
             if tat is None:
                 tat = now
         interval = self.shares.get(key, self.interval_s) if self.shares else self.interval_s
-        demand = self.demand
-        demand[key] = demand.get(key, 0) + 1
+        if self.track_demand:
+            demand = self.demand
+            demand[key] = demand.get(key, 0) + 1
         if tat < now:
             tat = now
         new_tat = tat + interval
@@ -118,6 +134,7 @@ class Bucket:
         return len(stale)
 
     def take_demand(self) -> dict[str, int]:
+        self.track_demand = True
         demand, self.demand = self.demand, {}
         return demand
 
@@ -204,19 +221,18 @@ class RateLimiter:
             return None
         now = self.clock()
         for bucket in buckets:
-            limit = bucket.limit
-            if internal and limit.exempt_internal:
+            if internal and bucket.exempt_internal:
                 continue
-            kind = limit.key
-            if kind == KEY_UNIT:
+            kind = bucket.kind
+            if kind == _UNIT:
                 if unit is None:
                     continue  # no unit: the client-address limit is the one that applies
                 key = unit
-            elif kind == KEY_CLIENT:
+            elif kind == _CLIENT:
                 key = client
-            elif kind == KEY_ROUTE:
+            elif kind == _ROUTE:
                 key = route
-            else:  # KEY_ARM
+            else:
                 key = release + "/" + arm
             wait = bucket.admit(key, now)
             if wait > 0.0:

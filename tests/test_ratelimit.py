@@ -202,6 +202,37 @@ def test_key_table_is_bounded() -> None:
     assert check(lim, unit="u5") is None
 
 
+def test_demand_is_tracked_only_for_a_fleet_sync() -> None:
+    """Without a fleet sync no per-key demand accumulates (bounded memory); once a sync takes
+    it, attempts (admitted and refused) are counted per period."""
+    lim = limiter(Clock(), a={"key": "unit", "requests": 1, "per_s": 60})
+    for _ in range(3):
+        check(lim)
+    assert lim.take_demand() == {"a": {}}
+    for _ in range(3):
+        check(lim)
+    assert lim.take_demand() == {"a": {"u1": 3}}
+    assert lim.take_demand() == {"a": {}}
+
+
+def test_full_table_sweeps_at_most_once_a_second() -> None:
+    """A table full of live keys does not sweep on every new key; after a second it may."""
+    clock = Clock()
+    lim = RateLimiter(clock, max_keys=2)
+    lim.apply({"a": RateLimit(key="unit", requests=1, per_s=1)})
+    bucket = lim.buckets["a"]
+    check(lim, unit="u0")
+    check(lim, unit="u1")
+    check(lim, unit="u2")  # full: swept (nothing free), goes to the overflow bucket
+    first = bucket.next_sweep
+    clock.now += 0.5
+    check(lim, unit="u3")
+    assert bucket.next_sweep == first
+    clock.now += 0.6  # every entry is full again and a second has passed
+    assert check(lim, unit="u4") is None
+    assert "u4" in bucket.tats and "u0" not in bucket.tats
+
+
 def test_share_divides_rate_and_keeps_burst_duration() -> None:
     """With 1/4 of the fleet an instance admits a quarter of the burst and of the rate."""
     clock = Clock()
