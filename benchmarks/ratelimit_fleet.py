@@ -7,7 +7,8 @@
 N `RateLimiter`s (edge/ratelimit.py), each with its own `FleetSync` (stores/ratesync.py,
 period 1 s) to one `redis-server` started here on 127.0.0.1, run in one process on the real
 clock. A driver offers `--offered` requests per second of one unit, round-robin over the
-instances (issue #12's setup: 4 instances, 100 RPS per unit), for `--seconds`; then Redis is
+instances (issue #12's setup: 4 instances, 100 RPS per unit; `--sticky` pins the unit to one
+instance after a third of the run), for `--seconds`; then Redis is
 killed (SIGKILL) and the load goes on for `--down-seconds`. Printed per second: the fleet's
 admitted requests; then the admitted rate after the learning period, while Redis was up and
 after it died, against the targets (within ±10 % of the limit up; within the bound of
@@ -104,7 +105,9 @@ async def run(args: argparse.Namespace, port: int, redis: subprocess.Popen[bytes
                 due += per_step
                 while due >= 1:
                     due -= 1
-                    lim = limiters[n % len(limiters)]
+                    # --sticky: a balancer that pins the unit, after the first third of the run.
+                    pinned = args.sticky and second >= args.seconds // 3
+                    lim = limiters[0 if pinned else n % len(limiters)]
                     n += 1
                     admitted += lim.check("shop", "stable", "*/", "unit-1", "10.0.0.1") is None
                 await asyncio.sleep(max(0.0, start + (step + 1) * step_s - time.monotonic()))
@@ -120,7 +123,10 @@ async def run(args: argparse.Namespace, port: int, redis: subprocess.Popen[bytes
         await asyncio.gather(*tasks, return_exceptions=True)
         for c in clients:
             await c.aclose()
-    up_rates = [a for up, a in per_second[LEARN_S : args.seconds] if up]
+    # Settled: LEARN_S periods after the start, or after the balancer turned sticky.
+    settled = LEARN_S + (args.seconds // 3 if args.sticky else 0)
+    print(f"(averages from second {settled + 1}: the shares need {LEARN_S} periods to settle)")
+    up_rates = [a for up, a in per_second[settled : args.seconds] if up]
     down_rates = [a for up, a in per_second if not up]
     failures = 0
     for label, rates in (("Redis up", up_rates), ("Redis down", down_rates)):
@@ -148,6 +154,9 @@ def main() -> int:
         "--down-seconds", type=int, default=10, help="seconds after Redis is killed"
     )
     parser.add_argument("--quick", action="store_true", help="8 s up, 4 s down")
+    parser.add_argument(
+        "--sticky", action="store_true", help="after a third of the run, all load on instance 0"
+    )
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.down_seconds = 8, 4

@@ -79,19 +79,34 @@ def raw_exchange(port: int, data: bytes) -> tuple[bytes, bool]:
                 out += rest
 
 
-@pytest.mark.parametrize("value", [b"010", b"00", b"05"])
-def test_content_length_with_leading_zero_is_refused(
-    start: Callable[..., TurnoutInstance], up: dict[str, ThreadedServer], value: bytes
+@pytest.mark.parametrize(
+    ("value", "status"),
+    [
+        (b"010", 400),
+        (b"00", 400),
+        (b"05", 400),
+        (b"+5", 400),
+        (b"-1", 400),
+        (b"0x5", 400),
+        (b"1Z", 400),
+        (b"", 400),
+        (b"18446744073709551616", 400),
+        (b"10737418240", 413),
+    ],
+)
+def test_hardening_a5_bad_content_length_is_refused(
+    start: Callable[..., TurnoutInstance], up: dict[str, ThreadedServer], value: bytes, status: int
 ) -> None:
-    """`Content-Length: 010` gets 400 and close and reaches no upstream (table (a) row 5);
-    a plain `0` still passes."""
+    """HARDENING table (a) row 5: `Content-Length` `010`, `+5`, `-1`, `0x5`, `1Z`, empty or
+    past 64 bits gets 400 (a huge valid one 413) and close, and reaches no upstream; a plain
+    `0` still passes."""
     inst = start(release_doc(up["stable"].url, up["canary"].url))
     before = sum(s.app.requests for s in up.values())
     out, closed = raw_exchange(
         inst.edge_port,
         b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: " + value + b"\r\n\r\n0123456789",
     )
-    assert out.startswith(b"HTTP/1.1 400 ") and closed
+    assert out.startswith(b"HTTP/1.1 %d " % status) and closed
     assert sum(s.app.requests for s in up.values()) == before
     resp = httpx.post(inst.edge_url + "/x", content=b"", headers={"x-user-id": "bob"})
     assert resp.status_code == 200
