@@ -10,6 +10,12 @@ it every `period_s` and, in one pipelined round trip:
 3. reads the fleet's totals for the keys it published two periods ago (a period every
    instance has finished writing), so its weight for such a key is my demand / fleet demand.
 
+Period indices come from each instance's wall clock, so the fleet's clocks must agree to
+within a period (reading two periods back leaves one period of slack; NTP does far better).
+Beyond that, a skewed instance reads totals its peers have not finished writing, or writes
+after they have read, and weights come out too high: the fleet admits more than the limit
+until the clocks agree.
+
 It then hands `n` and the weights to the limiter (`ShareTarget.set_shares`). When Redis is
 unreachable nothing changes: the last shares stay in force and each instance goes on limiting
 on its own share (the bound is in edge/ratelimit.py's docstring). A busy key is one whose
