@@ -370,6 +370,11 @@ def check_response_input(rig: EdgeRig, reply: bytes) -> None:
     error, never from `reply`'s leftover bytes (HARDENING table (b) row 6)."""
     rig.reply = reply
     out = rig.run([b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n", b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n"])
+    check_second_answer(out)
+
+
+def check_second_answer(out: bytes) -> None:
+    """The client's second response is a clean upstream's or Turnout's own error."""
     answers = responses(out)
     if len(answers) >= 2:
         status, names = answers[1]

@@ -63,6 +63,18 @@ def test_harness_catches_a_smuggled_forward(request_rig: EdgeRig) -> None:
         )
 
 
+def test_harness_catches_extra_upstream_bytes_served() -> None:
+    """The invariant checks can fail: a second answer that is neither a clean upstream's nor
+    Turnout's own error is caught."""
+    from fuzz.harness import check_second_answer
+
+    first = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    with pytest.raises(Violation, match="extra bytes"):
+        check_second_answer(first + b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil")
+    check_second_answer(first + b"HTTP/1.1 200 OK\r\nX-Clean: 1\r\nContent-Length: 0\r\n\r\n")
+    check_second_answer(first + b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+
+
 @pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="atheris not installed")
 @pytest.mark.parametrize("name", ["request", "response"])
 def test_short_fuzz_session(name: str, tmp_path: Path) -> None:
