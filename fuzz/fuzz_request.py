@@ -4,8 +4,9 @@
     python fuzz/fuzz_request.py [atheris/libFuzzer options] [CORPUS_DIR ...]
 
 The first input byte chooses how the rest is split into `data_received` calls (all at once,
-or in pieces of 1-16 bytes), since a parser must agree with itself however bytes arrive (h11's
-afl harness checks the same). The invariants are fuzz/harness.py's.
+or in pieces of 1-16 bytes); split inputs also run at once, and both must get the same
+answers (a parser must agree with itself however bytes arrive; h11's afl harness checks the
+same). The other invariants are fuzz/harness.py's.
 """
 
 from __future__ import annotations
@@ -32,11 +33,15 @@ def split(data: bytes) -> list[bytes]:
 
 def one_input(data: bytes) -> None:
     global _rig
-    if _rig is None:
-        from fuzz.harness import EdgeRig
+    from fuzz.harness import EdgeRig, check_split_agrees
 
+    if _rig is None:
         _rig = EdgeRig("request")
-    _rig.run(split(data))
+    pieces = split(data)
+    if len(pieces) > 1:
+        check_split_agrees(_rig, data[1:], pieces)
+    else:
+        _rig.run(pieces)
 
 
 def main() -> None:

@@ -382,3 +382,17 @@ def check_second_answer(out: bytes) -> None:
             raise Violation(
                 f"request 2 was answered from the upstream's extra bytes: {out[:400]!r}"
             )
+
+
+def statuses(out: bytes) -> list[int]:
+    """The final (non-1xx) statuses of the responses in `out`."""
+    return [status for status, _ in responses(out) if status >= 200]
+
+
+def check_split_agrees(rig: EdgeRig, body: bytes, pieces: list[bytes]) -> None:
+    """The same bytes at once and in pieces get the same answers (h11's afl invariant): how
+    TCP happens to cut a request must never change how it is read."""
+    whole = statuses(rig.run([body]))
+    split = statuses(rig.run(pieces))
+    if whole != split:
+        raise Violation(f"at once {whole}, in pieces {split}: {body[:300]!r}")

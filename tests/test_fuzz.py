@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fuzz.fuzz_request import split
-from fuzz.harness import EdgeRig, Violation, check_response_input
+from fuzz.harness import EdgeRig, Violation, check_response_input, check_split_agrees
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "fuzz" / "corpus"
@@ -41,9 +41,12 @@ def response_rig() -> Iterator[EdgeRig]:
 
 @pytest.mark.parametrize("path", corpus("request"), ids=lambda p: p.name)
 def test_request_corpus(request_rig: EdgeRig, path: Path) -> None:
-    """A regression input of the request fuzzer holds every invariant and gets an answer."""
-    out = request_rig.run(split(path.read_bytes()))
+    """A regression input of the request fuzzer holds every invariant, gets an answer, and
+    gets the same answers at once and in pieces."""
+    data = path.read_bytes()
+    out = request_rig.run([data[1:]])
     assert out.startswith(b"HTTP/1.1 ")
+    check_split_agrees(request_rig, data[1:], split(data))
 
 
 @pytest.mark.parametrize("path", corpus("response"), ids=lambda p: p.name)
