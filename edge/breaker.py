@@ -97,10 +97,20 @@ class ArmBreaker:
             if self.clock() - self.opened_at < self.open_s:
                 return False
             self._move(HALF_OPEN, f"open for {self.open_s:g} s")
+        if self.trials >= self.trial_requests and self.clock() - self.opened_at >= 2 * self.open_s:
+            # Trials that never reported (their client left, or a bug): do not stay half-open
+            # for ever; let new trials through after another `open_s`.
+            self.trials = 0
+            self.opened_at = self.clock() - self.open_s
         if self.trials < self.trial_requests:
             self.trials += 1
             return True
         return False
+
+    def abandon(self) -> None:
+        """A trial request ended without a verdict (client gone before the upstream answered)."""
+        if self.state == HALF_OPEN and self.trials:
+            self.trials -= 1
 
     def success(self) -> None:
         if self.state == HALF_OPEN:

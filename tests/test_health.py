@@ -149,6 +149,24 @@ def test_breaker_opens_half_opens_and_closes() -> None:
     assert events[0].release == "shop" and "3 failures" in events[0].reason
 
 
+def test_half_open_breaker_never_sticks() -> None:
+    """A trial that never reports does not keep the breaker half-open for ever: an abandoned
+    trial frees its slot at once, a silent one after another open period."""
+    clock = Clock()
+    br = ArmBreaker("shop", "canary", failure_threshold=1, open_s=10, clock=clock)
+    br.failure()
+    clock.now += 10
+    assert br.allow() and not br.allow()
+    br.abandon()
+    assert br.allow() and not br.allow()  # the slot came back
+    clock.now += 9
+    assert not br.allow()
+    clock.now += 1  # two open periods since it opened: the silent trial is given up
+    assert br.allow()
+    br.success()
+    assert br.state == CLOSED
+
+
 def test_canary_users_go_to_stable_or_get_503() -> None:
     """An open canary breaker sends canary users to stable (counted) by default, or refuses
     them with the 503 fallback; stable users are never moved."""
