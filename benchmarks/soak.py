@@ -202,7 +202,9 @@ class Load:
                     await self.hostile_client()
                 else:
                     await self.one_shot(kind)
-            except (OSError, asyncio.IncompleteReadError, ValueError, TimeoutError) as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure of a client is an error to count
                 if kind != "hostile" and not self.stop.is_set():
                     self.record(time.perf_counter(), False, f"{kind}: {type(exc).__name__}")
                 await self.think()
