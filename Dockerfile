@@ -5,6 +5,7 @@ FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY flags ./flags
+COPY stores ./stores
 COPY edge ./edge
 COPY admin ./admin
 COPY turnout ./turnout

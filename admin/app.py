@@ -7,6 +7,8 @@ goes through `admin.writes.perform_write` and becomes a new configuration versio
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
@@ -14,12 +16,13 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from admin import config, health, releases, repair, versions
+from admin import config, health, releases, repair, rollout, versions
 from admin.auth import BearerAuth, is_loopback, resolve_admin_token
 from admin.context import AdminContext
 from admin.responses import ApiError, json_response
 from flags.errors import ConfigError
 from flags.store import Store
+from stores.events import EventBus
 from stores.settings import Settings
 from stores.watch import ConfigWatcher
 
@@ -46,6 +49,9 @@ def create_admin_app(
     store: Store,
     watcher: ConfigWatcher,
     registry: CollectorRegistry,
+    *,
+    release_health: Callable[[str], dict[str, Any] | None] | None = None,
+    events: EventBus | None = None,
 ) -> Starlette:
     """Build the admin API. Raises `ConfigError("admin_host", ...)` for a listener other
     machines can reach without a configured token (a generated file token is only for
@@ -62,6 +68,8 @@ def create_admin_app(
         watcher=watcher,
         registry=registry,
         auth=BearerAuth(resolve_admin_token(settings)),
+        health=release_health,
+        events=events,
     )
     return Starlette(
         routes=[
@@ -70,6 +78,7 @@ def create_admin_app(
             *releases.routes(ctx),
             *versions.routes(ctx),
             *repair.routes(ctx),
+            *rollout.routes(ctx),
         ],
         exception_handlers={
             ApiError: _api_error,

@@ -11,9 +11,10 @@ Rules of this file:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -22,6 +23,7 @@ from admin.responses import ApiError
 from flags.document import Document
 from flags.errors import ConfigError, StoreError, VersionConflict, VersionNotFound
 from flags.store import Revision, Store, VersionInfo
+from stores.events import EventBus
 from stores.settings import Settings
 from stores.watch import ConfigWatcher
 
@@ -53,6 +55,10 @@ class AdminContext:
     watcher: ConfigWatcher
     registry: CollectorRegistry
     auth: BearerAuth
+    # Guarded delivery (issue #10), given by the composition root: the guard's live view of a
+    # release, and the event stream. None where no guard runs (admin-only tests).
+    health: Callable[[str], dict[str, Any] | None] | None = None
+    events: EventBus | None = None
 
     async def latest(self) -> Revision | None:
         async with _store_call("reading the configuration", STORE_READ_TIMEOUT_S):

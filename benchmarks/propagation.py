@@ -1,6 +1,7 @@
 """How fast does a change made through one instance's admin API reach the whole fleet?
 
     .venv/bin/python benchmarks/propagation.py [--changes 100] [--instances 4] [--poll-interval 2]
+                                               [--workers N]
 
 Layout (loopback only, every process started and stopped here):
 
@@ -12,6 +13,11 @@ Layout (loopback only, every process started and stopped here):
 * one poller thread per instance, sending GETs in a tight loop on one keep-alive connection
   and recording the first moment each instance's responses carry
   `X-Turnout-Config-Version >= v`.
+* with `--workers N` (N >= 2) each instance is `turnout serve --workers N`, and there is one
+  poller per *worker*: its connection is pinned to that worker process (connections are
+  opened until /proc shows that worker holds the server end, `tests/serveproc.py`), so a
+  change is only counted as arrived once every worker of every instance serves it. The
+  per-poller table then shows each worker's own propagation.
 
 `--changes` changes go through instance 1's admin API, alternating stage changes (open,
 beta) with rollbacks and restores. For each change v two latencies are recorded:
@@ -50,6 +56,7 @@ import orjson  # noqa: E402
 import yaml  # noqa: E402
 
 from tests.redisproc import LOCALHOST, RedisServer, free_port  # noqa: E402
+from tests.serveproc import children, connection_owner  # noqa: E402
 
 TOKEN = "propagation-admin-token-0123456789"
 COOKIE_SECRET = "propagation-cookie-secret-0123456789"
@@ -57,6 +64,7 @@ TARGET_P99_MS = 50.0
 PER_CHANGE_BOUND_S = 5.0
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
+PIN_TRIES = 200  # connections opened to land one on a given worker (the kernel hashes them)
 
 UPSTREAM_CODE = (
     "import sys, uvicorn\n"
@@ -105,8 +113,17 @@ def wait_for(predicate: Any, what: str, timeout_s: float) -> None:
 
 
 class Instance:
-    def __init__(self, workdir: Path, index: int, store: str, seed: dict[str, Any], poll: float):
+    def __init__(
+        self,
+        workdir: Path,
+        index: int,
+        store: str,
+        seed: dict[str, Any],
+        poll: float,
+        workers: int = 1,
+    ):
         self.name = f"instance{index + 1}"
+        self.workers = workers
         self.edge_port = free_port()
         self.admin_port = free_port()
         self.dir = workdir / self.name
@@ -136,7 +153,16 @@ class Instance:
     def start(self) -> None:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "turnout.cli", "serve", "--config", str(self.config)],
+                [
+                    sys.executable,
+                    "-m",
+                    "turnout.cli",
+                    "serve",
+                    "--config",
+                    str(self.config),
+                    "--workers",
+                    str(self.workers),
+                ],
                 cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -148,9 +174,15 @@ class Instance:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited: {self.log.read_text()[-2000:]}")
-            return http_call(self.admin_port, "GET", "/readyz")[0] == 200
+            return http_call(self.admin_port, "GET", "/readyz")[0] == 200 and (
+                self.workers == 1 or len(self.worker_pids()) == self.workers
+            )
 
         wait_for(ready, f"{self.name} ready", START_TIMEOUT_S)
+
+    def worker_pids(self) -> list[int]:
+        assert self.proc is not None
+        return [self.proc.pid] if self.workers == 1 else children(self.proc.pid)
 
     def admin(self, method: str, path: str, body: Any) -> tuple[int, Any]:
         status, _, data = http_call(
@@ -176,9 +208,13 @@ class Instance:
 class Poller(threading.Thread):
     """Tight loop of GETs on one keep-alive connection; first time each version is seen."""
 
-    def __init__(self, inst: Instance, stop: threading.Event, deadline: float) -> None:
+    def __init__(
+        self, inst: Instance, stop: threading.Event, deadline: float, pid: int | None = None
+    ) -> None:
         super().__init__(daemon=True, name=f"poller-{inst.name}")
         self.inst = inst
+        self.pid = pid  # pin the connection to this worker process (None: any)
+        self.label = inst.name if pid is None else f"{inst.name}/pid {pid}"
         self.stop_event = stop
         self.deadline = deadline
         self.seen = 0
@@ -187,8 +223,20 @@ class Poller(threading.Thread):
         self.errors = 0
         self.cond = threading.Condition()
 
+    def connect(self) -> http.client.HTTPConnection:
+        for _ in range(PIN_TRIES):
+            conn = http.client.HTTPConnection(LOCALHOST, self.inst.edge_port, timeout=10)
+            conn.connect()
+            if self.pid is None:
+                return conn
+            assert conn.sock is not None
+            if connection_owner(conn.sock, [self.pid]) == self.pid:
+                return conn
+            conn.close()
+        raise RuntimeError(f"no connection landed on worker pid {self.pid}")
+
     def run(self) -> None:
-        conn = http.client.HTTPConnection(LOCALHOST, self.inst.edge_port, timeout=10)
+        conn = self.connect()
         try:
             while not self.stop_event.is_set() and time.monotonic() < self.deadline:
                 try:
@@ -200,7 +248,7 @@ class Poller(threading.Thread):
                 except (OSError, http.client.HTTPException, ValueError):
                     self.errors += 1
                     conn.close()
-                    conn = http.client.HTTPConnection(LOCALHOST, self.inst.edge_port, timeout=10)
+                    conn = self.connect()
                     continue
                 self.requests += 1
                 if version > self.seen:
@@ -292,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
                 "routes": [{"host": "*", "path_prefix": "/", "release": "web"}],
             }
             instances = [
-                Instance(workdir, i, redis.url, seed, args.poll_interval)
+                Instance(workdir, i, redis.url, seed, args.poll_interval, args.workers)
                 for i in range(args.instances)
             ]
             instances[0].start()
@@ -301,7 +349,14 @@ def run(args: argparse.Namespace) -> int:
                 inst.start()
             for inst in instances[1:]:
                 inst.wait_ready()
-            pollers = [Poller(inst, stop, deadline) for inst in instances]
+            if args.workers == 1:
+                pollers = [Poller(inst, stop, deadline) for inst in instances]
+            else:
+                pollers = [
+                    Poller(inst, stop, deadline, pid)
+                    for inst in instances
+                    for pid in inst.worker_pids()
+                ]
             for poller in pollers:
                 poller.start()
             first = instances[0]
@@ -310,7 +365,8 @@ def run(args: argparse.Namespace) -> int:
 
             from_return: list[float] = []
             from_start: list[float] = []
-            per_instance_last: list[int] = [0] * len(instances)
+            per_poller_last: list[int] = [0] * len(pollers)
+            per_poller: list[list[float]] = [[] for _ in pollers]
             timeouts = 0
             stage_versions: list[int] = []
             for i in range(args.changes):
@@ -345,7 +401,9 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     times = [s for s in seen if s is not None]
                     last = max(times)
-                    per_instance_last[times.index(last)] += 1
+                    per_poller_last[times.index(last)] += 1
+                    for k, t in enumerate(times):
+                        per_poller[k].append(max(0.0, t - t_return) * 1000)
                     from_return.append(max(0.0, last - t_return) * 1000)
                     from_start.append((last - t_start) * 1000)
                 time.sleep(rng.uniform(0.02, 0.08))  # no phase lock with the poll loop
@@ -357,11 +415,11 @@ def run(args: argparse.Namespace) -> int:
             print(
                 f"propagation: {n} changes through {first.name}'s admin API, "
                 f"{len(instances)} instances on one Redis, poll_interval_s {args.poll_interval:g} "
-                f"(pub/sub pokes + poll)"
+                f"(pub/sub pokes + poll), {args.workers} worker(s) each"
             )
             print(
                 "pollers: "
-                + ", ".join(f"{p.inst.name} {p.requests} req/{p.errors} err" for p in pollers)
+                + ", ".join(f"{p.label} {p.requests} req/{p.errors} err" for p in pollers)
             )
             print(
                 f"{'latency until every instance serves v (ms)':<46}{'p50':>9}{'p99':>9}{'max':>9}"
@@ -375,11 +433,16 @@ def run(args: argparse.Namespace) -> int:
                     f"{percentile(values, 99):>9.2f}{max(values):>9.2f}"
                 )
             print(
-                "slowest instance per change: "
-                + ", ".join(
-                    f"{inst.name} {count}" for inst, count in zip(instances, per_instance_last)
-                )
+                "slowest poller per change: "
+                + ", ".join(f"{p.label} {count}" for p, count in zip(pollers, per_poller_last))
             )
+            print(f"{'each poller, from the return (ms)':<46}{'p50':>9}{'p99':>9}{'max':>9}")
+            for p, values in zip(pollers, per_poller):
+                if values:
+                    print(
+                        f"  {p.label:<44}{percentile(values, 50):>9.2f}"
+                        f"{percentile(values, 99):>9.2f}{max(values):>9.2f}"
+                    )
             if timeouts:
                 print(f"{timeouts} change(s) not seen everywhere within {PER_CHANGE_BOUND_S} s")
             p99 = percentile(from_return, 99)
@@ -408,9 +471,15 @@ def main() -> int:
     parser.add_argument("--poll-interval", type=float, default=2.0)
     parser.add_argument("--max-seconds", type=float, default=100.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="turnout serve --workers N per instance; one pinned poller per worker",
+    )
     args = parser.parse_args()
-    if args.instances < 1 or args.changes < 1:
-        parser.error("--instances and --changes must be >= 1")
+    if args.instances < 1 or args.changes < 1 or args.workers < 1:
+        parser.error("--instances, --changes and --workers must be >= 1")
     return run(args)
 
 

@@ -11,8 +11,12 @@ test, alone. Setups:
   B  nginx proxy       nginx 1 worker, split_clients on X-User-Id, 10 % canary, keepalive 64
   C  turnout           Turnout (its own HTTP/1.1 server, edge/frontend.py, on uvloop; 1 process),
                        stage beta = 10 %
-  D  turnout, uvicorn  with --uvicorn: the same Turnout with `edge_server: uvicorn` (the same
-                       pipeline behind the ASGI adapter, uvicorn httptools), for comparison
+  E  nginx, N workers  with --workers N (default 2): nginx with `worker_processes N` on both
+                       cores (0,1), which it shares with wrk and the upstream
+  F  turnout, N wkrs   `turnout serve --workers N` on both cores (a supervisor + N edge
+                       processes on one SO_REUSEPORT port); CPU counted for all of them.
+                       Printed beside C: RPS and µs CPU per request (target: within 10 %
+                       of one process's), and the canary share against the contract
 
 Each round runs every setup once (the order rotates per round) with
 `wrk -t1 -c64 -d<duration>s --latency` and then `wrk -t1 -c1 -d<duration>s --latency`; the
@@ -67,10 +71,28 @@ CANARY_PERCENT = 10.0
 ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"
 COOKIE_SECRET = "bench-cookie-secret-0123456789abcdef"
 
-# Targets (the brief): Turnout >= 20 % of nginx's RPS at 64 connections, and at 1 connection
-# a p50 no more than 0.05 ms above nginx's.
-TARGET_RPS_SHARE = 0.20
+# Targets (issue #9): one Turnout process >= 50 % of nginx's RPS at 64 connections with at most
+# 2x nginx's CPU per request, a p50 at 1 connection no more than 0.05 ms above nginx's, and with
+# 2 workers a CPU cost per request within 10 % of one process's.
+TARGET_RPS_SHARE = 0.50
+TARGET_CPU_RATIO = 2.0
 TARGET_P50_C1_DELTA_MS = 0.05
+
+
+def build_description() -> str:
+    """Which interpreter and which build of the request path the Turnout setups run."""
+    probe = (
+        "import sys, sysconfig, importlib\n"
+        "mods = ['edge.pipeline', 'edge.frontend', 'edge.upstream', 'flags.evaluate']\n"
+        "compiled = [m for m in mods if importlib.import_module(m).__file__.endswith('.so')]\n"
+        "pgo = '--enable-optimizations' in (sysconfig.get_config_var('CONFIG_ARGS') or '')\n"
+        "print(sys.version.split()[0], sys.executable, '--enable-optimizations' if pgo else 'built without --enable-optimizations (Debian builds PGO by its own rules)',\n"
+        "      f'{len(compiled)}/{len(mods)} hot modules compiled with mypyc')"
+    )
+    out = subprocess.run(
+        [PYTHON, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=False
+    )
+    return out.stdout.strip() or out.stderr.strip()
 
 
 # -- processes -----------------------------------------------------------------------------------
@@ -186,7 +208,7 @@ def cpu_ticks(pid: int) -> int:
 # -- configuration files -------------------------------------------------------------------------
 
 NGINX_COMMON = """\
-worker_processes 1;
+worker_processes {workers};
 daemon off;
 master_process on;
 pid {dir}/nginx.pid;
@@ -379,11 +401,13 @@ class Bench:
 
     # -- starting things
 
-    def start_nginx(self, name: str, core: int, body: str) -> subprocess.Popen:
+    def start_nginx(
+        self, name: str, core: int | str, body: str, workers: int = 1
+    ) -> subprocess.Popen:
         d = self.tmp / name
         d.mkdir()
         conf = d / "nginx.conf"
-        conf.write_text(NGINX_COMMON.format(dir=d, body=body))
+        conf.write_text(NGINX_COMMON.format(dir=d, body=body, workers=workers))
         log = d / "stdout.log"
         p = self.procs.start(
             name, ["taskset", "-c", str(core), "nginx", "-p", str(d), "-c", str(conf)], log
@@ -405,7 +429,7 @@ class Bench:
             if got != size:
                 raise RuntimeError(f"upstream on {port} serves {got} bytes, expected {size}")
 
-    def start_nginx_proxy(self) -> int:
+    def start_nginx_proxy(self, workers: int = 1) -> tuple[int, subprocess.Popen]:
         port = free_port()
         body = PROXY_SERVER.format(
             port=port,
@@ -413,14 +437,18 @@ class Bench:
             stable_port=self.stable_port,
             canary_port=self.canary_port,
         )
-        p = self.start_nginx("nginx-proxy", 1, body)
-        wait_http(f"http://{LOOPBACK}:{port}/", 10, p, self.tmp / "nginx-proxy" / "stdout.log")
-        self.nginx_proxy_proc = p
-        return port
+        # 1 worker: alone on core 1; 2 workers: both cores (shared with wrk and the upstream).
+        name = "nginx-proxy" if workers == 1 else f"nginx-proxy-{workers}w"
+        p = self.start_nginx(name, 1 if workers == 1 else "0,1", body, workers)
+        wait_http(f"http://{LOOPBACK}:{port}/", 10, p, self.tmp / name / "stdout.log")
+        if workers == 1:
+            self.nginx_proxy_proc = p
+        return port, p
 
-    def start_turnout(self, edge_server: str = "turnout") -> tuple[int, int]:
+    def start_turnout(self, workers: int = 1) -> tuple[int, int]:
         edge_port, admin_port = free_port(), free_port()
-        state = self.tmp / f"turnout-state-{edge_server}"
+        tag = "turnout" if workers == 1 else f"turnout-{workers}w"
+        state = self.tmp / f"turnout-state-{tag}"
         state.mkdir()
         settings = {
             "state_dir": str(state),
@@ -433,22 +461,28 @@ class Bench:
             "admin_token": ADMIN_TOKEN,
             "cookie_secret": COOKIE_SECRET,
             "expose_decision_headers": True,
-            "edge_server": edge_server,
+            "workers": workers,
         }
-        log = self.tmp / f"turnout-{edge_server}.log"
+        log = self.tmp / f"turnout-{tag}.log"
         argv = [
             "taskset",
             "-c",
-            "1",
+            "1" if workers == 1 else "0,1",  # N workers: both cores, as nginx's N workers
             PYTHON,
             "-c",
             TURNOUT_BOOT.format(root=str(ROOT)),
             json.dumps(settings),
         ]
-        p = self.procs.start(f"turnout-{edge_server}", argv, log, cwd=str(self.tmp))
+        p = self.procs.start(tag, argv, log, cwd=str(self.tmp))
         self.turnout_proc = p
         wait_http(f"http://{LOOPBACK}:{admin_port}/readyz", 30, p, log)
         wait_http(f"http://{LOOPBACK}:{edge_port}/", 10, p, log)
+        if workers > 1:
+            deadline = time.monotonic() + 30
+            while len(children(p.pid)) < workers:  # the supervisor and its workers
+                if time.monotonic() > deadline or p.poll() is not None:
+                    raise RuntimeError(f"turnout --workers {workers} did not start all workers")
+                time.sleep(0.05)
         return edge_port, admin_port
 
     def our_pids(self) -> list[int]:
@@ -521,7 +555,7 @@ class Bench:
         a = self.args
         print(f"temp dir {self.tmp}; python {PYTHON}", flush=True)
         self.start_upstreams()
-        nginx_port = self.start_nginx_proxy()
+        nginx_port, _ = self.start_nginx_proxy()
         edge_port, _admin = self.start_turnout()
         tp = self.turnout_proc
         assert tp is not None
@@ -536,13 +570,29 @@ class Bench:
             ),
             Setup("C", "turnout (1 process)", edge_port, lambda: [tp.pid], lambda: [tp.pid]),
         ]
-        if a.uvicorn:
-            uv_port, _ = self.start_turnout("uvicorn")
-            up = self.turnout_proc
-            assert up is not None
-            setups.append(
-                Setup("D", "turnout on uvicorn", uv_port, lambda: [up.pid], lambda: [up.pid])
-            )
+        if a.workers >= 2:
+            n = a.workers
+            nginx_n_port, np_ = self.start_nginx_proxy(n)
+            turnout_n_port, _ = self.start_turnout(workers=n)
+            tn = self.turnout_proc
+            assert tn is not None
+            # The supervisor is counted with its workers: it is part of what N workers cost.
+            setups += [
+                Setup(
+                    "E",
+                    f"nginx proxy ({n} workers)",
+                    nginx_n_port,
+                    lambda: children(np_.pid),
+                    lambda: children(np_.pid),
+                ),
+                Setup(
+                    "F",
+                    f"turnout --workers {n}",
+                    turnout_n_port,
+                    lambda: [tn.pid, *children(tn.pid)],
+                    lambda: [tn.pid, *children(tn.pid)],
+                ),
+            ]
         print(
             f"upstreams :{self.stable_port} (stable, {STABLE_BODY} B) :{self.canary_port} (canary, {CANARY_BODY} B); "
             f"nginx proxy :{nginx_port}; turnout edge :{edge_port}",
@@ -602,6 +652,7 @@ class Bench:
         a = self.args
         med = statistics.median
         print()
+        print(f"turnout runs on: {build_description()}")
         print(
             f"wrk -t1 -c64 -d{a.duration:g}s --latency and -c1, median of {a.runs} interleaved run(s); "
             f"proxy on core 1, wrk + upstream nginx on core 0; {os.cpu_count()} cores"
@@ -661,12 +712,33 @@ class Bench:
             f"{'PASS' if delta <= TARGET_P50_C1_DELTA_MS else 'MISS'}"
         )
         tc = setups[2]
-        if tc.cpu_share:
+        if tc.cpu_share and nginx.cpu_share:
             us = med(c / r.rps * 1e6 for c, r in zip(tc.cpu_share, tc.c64))
+            n_us = med(c / r.rps * 1e6 for c, r in zip(nginx.cpu_share, nginx.c64))
             print(
-                f"Turnout CPU per request at 64 connections: {us:.1f} µs "
-                f"(its core {med(tc.cpu_share):.0%} busy; nginx: "
-                f"{med(c / r.rps * 1e6 for c, r in zip(nginx.cpu_share, nginx.c64)):.1f} µs)"
+                f"Turnout CPU per request at 64 connections: {us:.1f} µs = {us / n_us:.2f} x nginx's "
+                f"{n_us:.1f} µs (target ≤ {TARGET_CPU_RATIO:g} x)  "
+                f"{'PASS' if us <= TARGET_CPU_RATIO * n_us else 'MISS'}  (its core {med(tc.cpu_share):.0%} busy)"
+            )
+        by_key = {s.key: s for s in setups}
+        if "F" in by_key and tc.cpu_share and by_key["F"].cpu_share:
+            tf, ne = by_key["F"], by_key["E"]
+
+            def us_per_request(s: Setup) -> float:
+                return med(c / r.rps * 1e6 for c, r in zip(s.cpu_share, s.c64))
+
+            one, many = us_per_request(tc), us_per_request(tf)
+            print(
+                f"{tf.name}: {med(r.rps for r in tf.c64):,.0f} RPS at 64 connections "
+                f"({med(r.rps for r in tf.c64) / med(r.rps for r in ne.c64):.2f} x {ne.name}'s, "
+                f"{med(r.rps for r in tf.c64) / t_rps:.2f} x 1 process); CPU per request "
+                f"{many:.1f} µs vs {one:.1f} µs with 1 process: {many / one - 1:+.1%} "
+                f"(target within ±10 %) {'PASS' if many <= one * 1.10 else 'MISS'}; "
+                f"{ne.name}: {us_per_request(ne):.1f} µs"
+            )
+            print(
+                "  (both cores are shared with wrk and the upstream nginx in E and F, so their RPS\n"
+                "   is bounded by that core too; µs CPU per request is the comparable figure)"
             )
         print()
         expected = turnout_expected_share()
@@ -683,7 +755,9 @@ class Bench:
                 line += "  (expected 0: direct to stable)"
             elif s.key == "B":
                 line += f"  (split_clients {CANARY_PERCENT:g} %, MurmurHash2 of the id)"
-            elif s.key in ("C", "D") and expected is not None:
+            elif s.key == "E":
+                line += "  (split_clients, as B)"
+            elif s.key in ("C", "F") and expected is not None:
                 ok = abs(ca / total - expected) < 0.01 if total else False
                 line += (
                     f"  (contract for ids 0..{ID_SPACE - 1}: {expected:.2%}) "
@@ -697,7 +771,7 @@ class Bench:
         a = self.args
         print(f"temp dir {self.tmp}; python {PYTHON}", flush=True)
         self.start_upstreams()
-        edge_port, _admin = self.start_turnout("uvicorn" if a.uvicorn else "turnout")
+        edge_port, _admin = self.start_turnout()
         tp = self.turnout_proc
         assert tp is not None
         conns = a.profile_connections
@@ -836,8 +910,6 @@ class Bench:
         def component(frame: str) -> str:
             if frame.startswith("Runner.run ("):
                 return "uvloop C code (loop, recv, epoll)"
-            if "uvicorn/" in frame:
-                return "uvicorn (server, ASGI send/receive)"
             m = re.search(r"\(" + re.escape(str(ROOT)) + r"/([a-z_]+/[a-z_]+)\.py", frame)
             if m:
                 return m.group(1) + ".py"
@@ -983,10 +1055,12 @@ def main() -> int:
     )
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
     ap.add_argument(
-        "--uvicorn",
-        action="store_true",
-        help="also run setup D, Turnout with edge_server=uvicorn (with --profile: profile that "
-        "one instead)",
+        "--workers",
+        type=int,
+        default=2,
+        metavar="N",
+        help="also run E (nginx, N workers) and F (turnout --workers N) on both cores; "
+        "0 or 1 skips them (default 2)",
     )
     args = ap.parse_args()
     if args.quick:

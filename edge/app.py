@@ -1,4 +1,4 @@
-"""Builds the data plane from settings: identity, pools, pipeline, the ASGI app."""
+"""Builds the data plane from settings: identity, pools, the pipeline."""
 
 from __future__ import annotations
 
@@ -8,14 +8,13 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from edge.asgi import EdgeApp
 from edge.identity import CookieSigner, Identity
 from edge.metrics import EdgeMetrics, TurnoutCollector
 from edge.pipeline import Pipeline
 from edge.targets import PoolSet
+from edge.tunnel import CLOSE_SERVICE_RESTART
 from edge.upstream import Timeouts
-from edge.websocket import WebSocketProxy
-from flags.evaluate import Snapshot
+from flags.evaluate import ARM_CANARY, CompiledRelease, Snapshot
 from flags.store import Revision
 from stores.secretfile import read_or_create_secret
 from stores.settings import Settings
@@ -60,7 +59,7 @@ class Edge:
             via_upstream=settings.via_upstream,
             rewrite_redirects=settings.rewrite_upstream_redirects,
         )
-        self.app = EdgeApp(self.pipeline, WebSocketProxy(self.pipeline))
+        self.rollback_grace_s = settings.websocket_rollback_grace_s
         self.watcher = watcher
         self._closing: set[asyncio.Task[None]] = set()
         self.pipeline.apply(watcher.snapshot)
@@ -70,12 +69,43 @@ class Edge:
             registry.register(TurnoutCollector(self.metrics, watcher))
 
     def _on_config(self, snapshot: Snapshot, revision: Revision | None) -> None:
+        previous = self.pipeline.snapshot
         unused = self.pipeline.apply(snapshot)
+        if previous is not None:
+            # A rollback (manual or the guard's: the canary share drops to 0): the release's
+            # canary tunnels are asked to reconnect with 1012 after the grace, and their new
+            # upgrades land on stable (issue #10 point 5).
+            for name, rel in snapshot.releases.items():
+                before = previous.releases.get(name)
+                if not _takes_canary(rel) and before is not None and _takes_canary(before):
+                    with contextlib.suppress(RuntimeError):  # no running loop: no tunnels
+                        asyncio.get_running_loop().call_later(
+                            self.rollback_grace_s, self._shed_canary, name
+                        )
         for pool in unused:
             with contextlib.suppress(RuntimeError):  # no running loop: nothing to close on
                 task = asyncio.get_running_loop().create_task(pool.aclose())
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
 
+    def _shed_canary(self, name: str) -> None:
+        """Close a rolled-back release's canary tunnels with 1012 "service restart" (IANA
+        WebSocket close codes), unless the release took canary traffic again meanwhile."""
+        snapshot = self.pipeline.snapshot
+        rel = snapshot.releases.get(name) if snapshot is not None else None
+        if rel is not None and _takes_canary(rel):
+            return
+        self.pipeline.tunnels.close(
+            name, ARM_CANARY, CLOSE_SERVICE_RESTART, "rolled back: reconnect"
+        )
+
     async def aclose(self) -> None:
         await self.pools.aclose()
+
+
+def _takes_canary(rel: CompiledRelease) -> bool:
+    """Whether any unit can be assigned the canary: not off, and a share above 0 % or an
+    internal cohort (which is in the canary at every stage past off)."""
+    if rel.disabled:
+        return False
+    return rel.percent > 0 or bool(rel.internal_ids or rel.internal_domains)

@@ -1,29 +1,29 @@
-"""The edge's own HTTP/1.1 front-end: `asyncio.Protocol` + httptools, driving the pipeline
-without ASGI (PERF.md: a plain protocol server ran a lean proxy at 0.69 of nginx, uvicorn
-0.29).
+"""The edge's own HTTP/1.1 server: `asyncio.Protocol` + httptools, driving the pipeline.
+It is the only server on the data plane (issue #9): no ASGI, no uvicorn on the edge.
 
 Rules of this file:
 * It only frames bytes. Routing, header hygiene, identity and forwarding are the pipeline's
-  (edge/pipeline.py), which this module drives through the same `Downstream` seam as the ASGI
-  adapter (edge/asgi.py), so both front-ends behave alike and share every pipeline test.
+  (edge/pipeline.py), which this module drives through the `Downstream` seam with one
+  `RequestContext` per exchange (edge/context.py). Body framing rules are edge/framing.py's.
 * Measured, not assumed (benchmarks/proxy.py): under uvicorn each request paid for a scope
   dict, a cycle object, ASGI message dicts and a `receive` round trip; here a request is one
-  object, one task, one `transport.write` for a small response (head and body together).
+  object, one context, one task, one `transport.write` for a small response (head and body).
 * Requests are parsed by llhttp in strict mode; a parse error, an unknown method or an
   HTTP version other than 1.0/1.1 ends the connection after a 400/505 (HARDENING §2.1, row 37).
   The request line and head are capped (414/431) while they arrive, never buffered unbounded
   (row 29-30), and every wait on the client has a deadline (§2.7, rows 33-34): the head must
   be complete within `header_timeout_s` of its first byte (else 408), a started body and a
   full send buffer may stall for at most `idle_timeout_s`, and an idle keep-alive connection is
-  closed after `keepalive_timeout_s`. The deadlines share one lazily re-armed timer per
-  connection: moving a deadline is one float assignment.
-* Response framing is re-derived here: `Content-Length` when the pipeline gives one, else
-  chunked for HTTP/1.1 and close-delimited for HTTP/1.0 (RFC 9112 §6.1, HARDENING §2.10); no
-  body for HEAD, 1xx, 204 and 304. A connection whose request body was not read to its end is
-  closed after the response, never reused.
+  closed after `keepalive_timeout_s`. The deadlines share one `Deadline` per connection
+  (edge/deadline.py, shared with the upstream pool): moving one is one float assignment.
+* Response framing is re-derived here (edge/framing.py `outgoing_framing`): `Content-Length`
+  when the pipeline gives one, else chunked for HTTP/1.1 and close-delimited for HTTP/1.0
+  (RFC 9112 §6.1, HARDENING §2.10); no body for HEAD, 1xx, 204 and 304. A connection whose
+  request body was not read to its end is closed after the response, never reused.
 * Pipelined requests are answered in order, one at a time; reading pauses while one waits.
-* A WebSocket upgrade is handed, with the bytes already read, to uvicorn's WebSocket protocol,
-  which runs `EdgeApp`'s `websocket` scope (edge/websocket.py) on the same decision.
+* A WebSocket upgrade is admitted by the pipeline like any request; after the upstream's 101
+  the transport is handed to a byte tunnel (edge/tunnel.py) and this protocol lets go of it.
+  Any other answer closes the connection: the bytes after the handshake are never parsed.
 """
 
 from __future__ import annotations
@@ -34,12 +34,18 @@ import http
 import logging
 import socket
 import struct
+import time
+from asyncio import current_task
 from collections import deque
 from typing import Any
 
 import httptools
 
+from edge.context import RequestContext
+from edge.deadline import Deadline
+from edge.framing import CHUNKED, CONTENT_LENGTH, NO_BODY, UNTIL_CLOSE, outgoing_framing
 from edge.pipeline import MAX_HEADER_BYTES, MAX_HEADERS, ClientGone, Pipeline
+from edge.tunnel import CLOSE_GOING_AWAY
 from edge.upstream import UpstreamResponse
 
 log = logging.getLogger("turnout.edge")
@@ -47,7 +53,11 @@ log = logging.getLogger("turnout.edge")
 MAX_URL_BYTES = 16 * 1024  # request target (nginx: large_client_header_buffers 8k per line)
 MAX_RAW_HEAD_BYTES = 1024 * 1024  # bytes fed to the parser without a complete head: a hard net
 BODY_HIGH_WATER = 256 * 1024  # pause reading while this much request body waits for upstream
-_NO_BODY_STATUSES = frozenset({204, 304})
+
+# Above this many open client connections, an idle keep-alive connection releases its parser
+# until its next request (issue #9: 10,000 idle connections within 80 MB); below it, every
+# connection keeps its parser and pays nothing per request.
+PARSER_RELEASE_CONNECTIONS = 512
 
 # Deadline kinds of a connection.
 _NONE, _IDLE, _HEAD, _BODY, _SEND = range(5)
@@ -164,16 +174,19 @@ class _Request:
                     self.keep_alive = False
                 continue  # written once below
             parts += (name, b": ", value, b"\r\n")
-        self.no_body = self.method == "HEAD" or status in _NO_BODY_STATUSES or status < 200
-        if not has_length and not self.no_body:
-            if length >= 0:
+        framing = outgoing_framing(
+            status, self.version, 0 if has_length else length, head=self.method == "HEAD"
+        )
+        self.no_body = framing == NO_BODY
+        if framing == CONTENT_LENGTH:
+            if not has_length:
                 parts.append(b"content-length: %d\r\n" % length)
-            elif self.version == "1.0":
-                self.close_delimited = True
-                self.keep_alive = False
-            else:
-                self.chunked = True
-                parts.append(b"transfer-encoding: chunked\r\n")
+        elif framing == UNTIL_CLOSE:
+            self.close_delimited = True
+            self.keep_alive = False
+        elif framing == CHUNKED:
+            self.chunked = True
+            parts.append(b"transfer-encoding: chunked\r\n")
         if not self.complete:
             self.keep_alive = False  # unread request bytes: the connection cannot be reused
         if not self.keep_alive:
@@ -229,7 +242,6 @@ class _Request:
 
     def watch_disconnect(self, on_gone: UpstreamResponse) -> None:
         self.conn.on_gone = on_gone  # aborted by connection_lost: no task needed
-        return None
 
     def _finish(self) -> None:
         self.finished = True
@@ -239,12 +251,41 @@ class _Request:
 class EdgeConnection(asyncio.Protocol):
     """One client connection: parses requests, runs the pipeline for each in turn."""
 
+    # Slots: thousands of idle keep-alive connections each carry one of these (issue #9's
+    # 10,000-connection memory target), and attribute access is a little faster too.
+    __slots__ = (
+        "server",
+        "pipeline",
+        "loop",
+        "transport",
+        "parser",
+        "client",
+        "gone",
+        "closed",
+        "input_closed",
+        "refusal",
+        "ws_request",
+        "parsing",
+        "active",
+        "queue",
+        "task",
+        "on_gone",
+        "raw_head",
+        "in_head",
+        "reading_paused",
+        "write_paused",
+        "drain_waiter",
+        "deadline",
+        "deadline_kind",
+        "__weakref__",
+    )
+
     def __init__(self, server: EdgeServer) -> None:
         self.server = server
         self.pipeline = server.pipeline
         self.loop = server.loop
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser: Any = httptools.HttpRequestParser(self)  # None while idle (see response_done)
         self.client: tuple[str, int] | None = None
         self.gone = False  # connection_lost was called
         self.closed = False  # close() was called
@@ -253,7 +294,12 @@ class EdgeConnection(asyncio.Protocol):
         self.ws_request: _Request | None = None
         self.parsing: _Request | None = None  # the request whose head or body is arriving
         self.active: _Request | None = None  # the request being answered
-        self.queue: deque[_Request] = deque()  # pipelined requests waiting their turn
+        # Pipelined requests waiting their turn. A list, not a deque: an empty list allocates
+        # nothing, an empty deque a 64-slot block (0.6 KiB per idle connection; reading pauses
+        # while anything waits here, so the list stays short).
+        self.queue: list[_Request] = []
+        # The task answering `active`; dropped when it ends so an idle keep-alive connection
+        # does not keep its last request's finished task alive (0.6 KiB each).
         self.task: asyncio.Task[None] | None = None
         self.on_gone: UpstreamResponse | None = None
         self.raw_head = 0  # bytes fed while a head is incomplete
@@ -261,9 +307,8 @@ class EdgeConnection(asyncio.Protocol):
         self.reading_paused = False
         self.write_paused = False
         self.drain_waiter: asyncio.Future[None] | None = None
-        self.deadline = 0.0
-        self.deadline_kind = _NONE
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = Deadline(self.loop, self._expired)
+        self.deadline_kind = _NONE  # what expiry means; _NONE: ignore the deadline
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -278,9 +323,7 @@ class EdgeConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.gone = True
         self.server.connections.discard(self)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline.cancel()
         on_gone = self.on_gone
         if on_gone is not None:
             self.on_gone = None
@@ -293,8 +336,11 @@ class EdgeConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.input_closed:
             return
+        parser = self.parser
+        if parser is None:
+            parser = self.parser = httptools.HttpRequestParser(self)
         try:
-            self.parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self._upgrade(data[int(exc.args[0]) :] if exc.args else b"")
             return
@@ -398,24 +444,34 @@ class EdgeConnection(asyncio.Protocol):
         self.deadline_kind = _NONE  # the upstream's timeouts apply while it is answered
         self.task = self.loop.create_task(self._run(request))
 
-    async def _run(self, request: _Request) -> None:
+    def _context(self, request: _Request) -> RequestContext:
         path, _, query = request.url.partition(b"?")
+        return RequestContext(
+            request.method,
+            path,
+            query,
+            request.headers,
+            request.version,
+            self.client,
+            "http",
+            time.perf_counter(),
+        )
+
+    async def _run(self, request: _Request) -> None:
         try:
-            await self.pipeline.handle(
-                request.method,
-                path,
-                query,
-                request.headers,
-                request.version,
-                self.client,
-                "http",
-                request,
-            )
+            await self._answer(request)
+        finally:
+            if self.task is current_task():
+                self.task = None
+
+    async def _answer(self, request: _Request) -> None:
+        try:
+            await self.pipeline.handle(self._context(request), request)
         except Exception:
             log.exception("edge: unhandled error in the request pipeline")
             if not request.started and not self.gone:
                 await request.respond(
-                    *self.pipeline.error_response(500, "internal error", None, close=True)
+                    *self.pipeline.error_response(500, "internal error", close=True)
                 )
         if request.finished:
             return
@@ -442,7 +498,7 @@ class EdgeConnection(asyncio.Protocol):
         if not request.keep_alive:
             self.close()
         elif self.queue:
-            self._start(self.queue.popleft())
+            self._start(self.queue.pop(0))
             if self.reading_paused:
                 self.flow()
         elif self.refusal is not None:
@@ -454,7 +510,14 @@ class EdgeConnection(asyncio.Protocol):
         else:
             if self.reading_paused:
                 self.flow()
-            self.arm(_HEAD if self.in_head else _IDLE)
+            if self.in_head:
+                self.arm(_HEAD)
+            else:
+                self.arm(_IDLE)
+                if len(self.server.connections) > PARSER_RELEASE_CONNECTIONS:
+                    # Between requests a parser holds no state: many idle connections give
+                    # theirs back (1 KiB each) and make a new one (0.5 µs) on their next byte.
+                    self.parser = None
 
     def flow(self) -> None:
         """Pause reading while a pipelined request waits or a request body piles up."""
@@ -504,7 +567,7 @@ class EdgeConnection(asyncio.Protocol):
 
     def _error_bytes(self, status: int, message: str) -> bytes:
         """The pipeline's error answer, with `Connection: close`, for input no request owns."""
-        status, headers, body = self.pipeline.error_response(status, message, None, close=True)
+        status, headers, body = self.pipeline.error_response(status, message, close=True)
         head = b"".join(b"%s: %s\r\n" % header for header in headers)
         return STATUS_LINES[status] + head + b"\r\n" + body
 
@@ -529,22 +592,12 @@ class EdgeConnection(asyncio.Protocol):
             seconds = server.header_timeout_s
         else:
             seconds = server.idle_timeout_s
-        deadline = self.deadline = self.loop.time() + seconds
         self.deadline_kind = kind
-        timer = self.timer
-        if timer is None:
-            self.timer = self.loop.call_at(deadline, self._on_timer)
-        elif deadline < timer.when():  # a shorter deadline than the pending one: move it
-            timer.cancel()
-            self.timer = self.loop.call_at(deadline, self._on_timer)
+        self.deadline.arm(seconds)
 
-    def _on_timer(self) -> None:
-        self.timer = None
+    def _expired(self) -> None:
         kind = self.deadline_kind
         if kind == _NONE or self.gone:
-            return
-        if self.loop.time() < self.deadline:
-            self.timer = self.loop.call_at(self.deadline, self._on_timer)
             return
         self.deadline_kind = _NONE
         if kind == _IDLE:
@@ -587,28 +640,40 @@ class EdgeConnection(asyncio.Protocol):
                 if pending is not None:
                     pending.keep_alive = False
             return
-        if self.active is not None or self.server.ws_config is None:
+        if self.active is not None or self.queue:
             self._refuse(400, "unexpected upgrade")
             return
-        self.parsing = None
-        self.closed = self.input_closed = True  # the WebSocket protocol owns the transport now
+        # No more requests on this connection: it becomes a tunnel, or closes after the answer.
+        self._stop_input()
+        request.keep_alive = False
+        self.reading_paused = True
+        self.transport.pause_reading()  # client bytes wait in the kernel until the 101
+        self.active = request
+        self.deadline_kind = _NONE
+        self.task = self.loop.create_task(self._run_upgrade(request, rest))
+
+    async def _run_upgrade(self, request: _Request, rest: bytes) -> None:
+        try:
+            await self.pipeline.upgrade(self._context(request), request, self._hand_over, rest)
+        except Exception:
+            log.exception("edge: unhandled error in a WebSocket upgrade")
+            if not request.started and not self.gone and not self.closed:
+                await request.respond(
+                    *self.pipeline.error_response(500, "internal error", close=True)
+                )
+        if not request.finished and not self.closed:
+            self.active = None
+            self.close()
+
+    def _hand_over(self) -> asyncio.Transport | None:
+        """Give the transport to a tunnel: this protocol stops owning it (None if gone)."""
+        if self.gone or self.closed:
+            return None
+        self.closed = True
+        self.active = None
         self.server.connections.discard(self)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        output = [request.method.encode("ascii"), b" ", request.url, b" HTTP/1.1\r\n"]
-        for name, value in request.headers:
-            output += (name, b": ", value, b"\r\n")
-        output.append(b"\r\n")
-        config = self.server.ws_config
-        protocol = config.ws_protocol_class(
-            config=config, server_state=self.server.ws_state, app_state={}
-        )
-        protocol.connection_made(self.transport)
-        protocol.data_received(b"".join(output))
-        if rest:
-            protocol.data_received(rest)
-        self.transport.set_protocol(protocol)
+        self.deadline.cancel()
+        return self.transport
 
 
 class _Refused(Exception):
@@ -638,9 +703,10 @@ class EdgeServer:
         idle_timeout_s: float = 60.0,
         graceful_timeout_s: float = 10.0,
         backlog: int = 4096,
-        ws_config: Any = None,
+        sock: Any = None,
     ) -> None:
         self.pipeline = pipeline
+        self.sock = sock  # a socket bound beforehand (edge/listener.py), e.g. SO_REUSEPORT
         self.host = host
         self.port = port
         self.keepalive_timeout_s = keepalive_timeout_s
@@ -648,14 +714,6 @@ class EdgeServer:
         self.idle_timeout_s = idle_timeout_s
         self.graceful_timeout_s = graceful_timeout_s
         self.backlog = backlog
-        self.ws_config = ws_config
-        self.ws_state: Any = None
-        if ws_config is not None:
-            from uvicorn.server import ServerState
-
-            if not ws_config.loaded:
-                ws_config.load()
-            self.ws_state = ServerState()
         self.connections: set[EdgeConnection] = set()
         self.started = False
         self._exit = asyncio.Event()
@@ -673,13 +731,20 @@ class EdgeServer:
 
     async def serve(self) -> None:
         self.loop = asyncio.get_running_loop()
-        server = await self.loop.create_server(
-            lambda: EdgeConnection(self),
-            self.host,
-            self.port,
-            backlog=self.backlog,
-            reuse_address=True,
-        )
+        if self.sock is not None:
+            server: Any = await self.loop.create_server(
+                lambda: EdgeConnection(self), sock=self.sock, backlog=self.backlog
+            )
+        else:
+            server = await self.loop.create_server(
+                lambda: EdgeConnection(self),
+                self.host,
+                self.port,
+                backlog=self.backlog,
+                reuse_address=True,
+            )
+        # `server` is untyped on purpose: uvloop's `sockets` is a list where typeshed says
+        # tuple, and under mypyc a wrong stub is a run-time TypeError (PERF.md).
         self.sockets = list(server.sockets)
         self.started = True
         try:
@@ -696,18 +761,13 @@ class EdgeServer:
             else:
                 for request in (conn.active, *conn.queue):
                     request.keep_alive = False  # close after the answer in flight
-        ws_connections = list(self.ws_state.connections) if self.ws_state is not None else []
-        for ws in ws_connections:
-            with contextlib.suppress(Exception):
-                ws.shutdown()
+        tunnels = self.pipeline.tunnels
+        tunnels.close(code=CLOSE_GOING_AWAY)  # RFC 6455 §7.4.1: going away
         deadline = self.loop.time() + self.graceful_timeout_s
         while self.loop.time() < deadline:
-            busy = [c for c in self.connections if c.active is not None]
-            if not busy and not (self.ws_state is not None and self.ws_state.tasks):
+            if not any(c.active is not None for c in self.connections):
                 break
             await asyncio.sleep(0.05)
+        tunnels.close(code=CLOSE_GOING_AWAY)  # opened by an upgrade that was in flight
         for conn in list(self.connections):
             conn.transport.abort()
-        if self.ws_state is not None:
-            for task in list(self.ws_state.tasks):
-                task.cancel()

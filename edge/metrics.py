@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client.core import (
@@ -18,6 +18,8 @@ from prometheus_client.core import (
     HistogramMetricFamily,
 )
 from prometheus_client.registry import Collector
+
+from edge.armstats import ArmStats
 
 if TYPE_CHECKING:
     from flags.evaluate import Snapshot
@@ -82,7 +84,16 @@ class EdgeMetrics:
         }
         self.upstream_errors: dict[tuple[str, str, str], int] = {}
         self.websockets: dict[tuple[str, str], int] = {}
+        # Open WebSocket tunnels by (release, arm), read at scrape time (edge/tunnel.py).
+        self.open_tunnels: Callable[[], dict[tuple[str, str], int]] = dict
         self.apply_lag = Histogram(LAG_BUCKETS_S)
+        self.arms = ArmStats()  # the guard's rolling windows (edge/armstats.py)
+        # (release, criterion) -> automatic rollbacks by the guard (issue #10)
+        self.guard_rollbacks: dict[tuple[str, str], int] = {}
+        self.guard_verdicts: dict[str, str] = {}  # release -> last verdict
+        # (release, criterion) -> (canary value, threshold): the numbers behind the verdict
+        self.guard_criteria: dict[tuple[str, str], tuple[float, float]] = {}
+        self.plan_advances: dict[str, int] = {}
 
     def count(self, release: str, arm: str, status: int) -> None:
         key = (release, arm, status // 100)
@@ -101,9 +112,10 @@ class EdgeMetrics:
 class TurnoutCollector(Collector):
     """Exports `EdgeMetrics` and the config watcher's state."""
 
-    def __init__(self, metrics: EdgeMetrics, watcher: ConfigWatcher) -> None:
+    def __init__(self, metrics: EdgeMetrics, watcher: ConfigWatcher, *, guard: bool = True) -> None:
         self.metrics = metrics
         self.watcher = watcher
+        self.guard = guard  # False where the guard's families come from elsewhere (workers)
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
         m, w = self.metrics, self.watcher
@@ -140,6 +152,16 @@ class TurnoutCollector(Collector):
         for (release, arm), value in sorted(m.websockets.items()):
             ws.add_metric([release, arm], value)
         yield ws
+        tunnels = GaugeMetricFamily(
+            "turnout_websocket_tunnels_open",
+            "Open WebSocket tunnels by release and arm",
+            labels=["release", "arm"],
+        )
+        for (release, arm), value in sorted(m.open_tunnels().items()):
+            tunnels.add_metric([release, arm], value)
+        yield tunnels
+        if self.guard:
+            yield from guard_families(m)
         yield GaugeMetricFamily(
             "turnout_config_version", "Applied configuration version", value=w.version
         )
@@ -182,3 +204,43 @@ class TurnoutCollector(Collector):
         )
         lag.add_metric([], m.apply_lag.buckets(), m.apply_lag.total)
         yield lag
+
+
+def guard_families(m: EdgeMetrics) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    """The guard runner's and the phase plans' families (issue #10), from the `EdgeMetrics`
+    the runner writes: the edge's own in one process, the supervisor's with workers."""
+    rollbacks = CounterMetricFamily(
+        "turnout_guard_rollbacks",
+        "Automatic rollbacks by the guard, by release and criterion",
+        labels=["release", "criterion"],
+    )
+    for (release, criterion), value in sorted(m.guard_rollbacks.items()):
+        rollbacks.add_metric([release, criterion], value)
+    yield rollbacks
+    verdict = GaugeMetricFamily(
+        "turnout_guard_verdict",
+        "The guard's last verdict per release (1 for the verdict it is in)",
+        labels=["release", "verdict"],
+    )
+    for release, status in sorted(m.guard_verdicts.items()):
+        for name in ("pass", "breach", "insufficient"):
+            verdict.add_metric([release, name], 1 if status == name else 0)
+    yield verdict
+    criteria = GaugeMetricFamily(
+        "turnout_guard_criterion",
+        "Each guard criterion's current canary value and its threshold (rates as "
+        "fractions, latencies in ms, p99_ratio as a factor)",
+        labels=["release", "criterion", "kind"],
+    )
+    for (release, criterion), (current, limit) in sorted(m.guard_criteria.items()):
+        criteria.add_metric([release, criterion, "value"], current)
+        criteria.add_metric([release, criterion, "threshold"], limit)
+    yield criteria
+    advances = CounterMetricFamily(
+        "turnout_plan_advances",
+        "Phase plan advances by release",
+        labels=["release"],
+    )
+    for release, value in sorted(m.plan_advances.items()):
+        advances.add_metric([release], value)
+    yield advances

@@ -1,18 +1,27 @@
-"""The request pipeline: one proxied request's life as named phases (after Pingora).
+"""The request pipeline: one proxied request's life as named phases (after Pingora), over one
+per-request context (edge/context.py).
 
     request_filter          validate framing, Host and path; strip hop-by-hop, nominated and
-                            internal headers; collect identity inputs        (HARDENING §2.1-2.6)
-    identify + decide       unit id (header > signed cookie > new cookie) -> Decision
-    upstream_peer           the release's stable or canary target, round-robin over its pools
+                            internal headers; collect identity inputs; route  (HARDENING §2.1-2.6)
+    identify                unit id (header > signed cookie > new signed cookie)
+    decide                  maintenance holds all but the internal cohort (503, issue #10);
+                            else the route's release assigns the unit an arm -> its target
+    upstream_peer           the target's next upstream, round-robin over its pools
     upstream_request_filter the upstream head, re-framed (never the client's CL/TE) with
                             X-Forwarded-*, Via and X-Turnout-*            (DESIGN.md §5)
-    forward                 lean pool; 502 refused/invalid, 504 timeout, 503 pool full
+    forward                 the lean pool (edge/upstream.py), or a WebSocket tunnel after a 101
     response_filter         strip hop-by-hop both ways, decision headers, Set-Cookie
-    logging                 per-release, per-arm counters and latency
+    logging                 the finished context: per-release, per-arm counters and latency,
+                            the guard's per-arm windows (edge/armstats.py, issue #10)
 
 Rules of this file:
-* It does not know ASGI: `Downstream` is the one seam (edge/asgi.py adapts ASGI to it), so a
-  native front-end can drive the same pipeline later.
+* One admission (`admit`: request_filter -> identify -> decide) serves HTTP and WebSocket;
+  every refusal is built by `error_response`; every upstream failure is mapped to a status
+  and a metric kind by `edge.errors.classify`, nowhere else.
+* `logging` is the one place a finished exchange is seen whole: hooks that need the outcome
+  (access log, per-arm guard statistics) belong there. It runs for every exchange, refused,
+  failed or answered, once the answer is written (off the latency path).
+* `Downstream` is the one seam to the client side (edge/frontend.py implements it).
 * It reads only the in-memory snapshot; it never touches the store.
 * A connection with unread bytes or an unfinished request body never returns to a pool: on any
   error or client disconnect the upstream response is aborted, not released.
@@ -22,27 +31,28 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
+from edge.context import RequestContext
+from edge.errors import UpstreamError, classify
+from edge.framing import CHUNKED, MAX_CONTENT_LENGTH_DIGITS, FramingError, request_framing
 from edge.identity import Identity
+from edge.maintenance import maintenance_answer
 from edge.metrics import EdgeMetrics
 from edge.redirects import LOCATION_FIELDS, relative_location, upstream_origins
 from edge.targets import PoolSet, Target
-from edge.upstream import (
-    UpstreamConnectError,
-    UpstreamError,
-    UpstreamPool,
-    UpstreamProtocolError,
-    UpstreamResponse,
-    UpstreamTimeout,
-)
+from edge.tunnel import Handshake, Tunnel, TunnelRegistry, open_upstream
+from edge.upstream import UpstreamPool, UpstreamResponse
 from flags.evaluate import ARM_CANARY, CompiledRelease, Snapshot
+from flags.rollout import Maintenance
 
 MAX_HEADERS = 100
 MAX_HEADER_BYTES = 64 * 1024
-MAX_CONTENT_LENGTH_DIGITS = 15
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Upstream closes of a WebSocket that are not failures (RFC 6455 §7.4.1: normal closure, going
+# away, no status code); any other code, or a dropped connection, is an error of the arm.
+CLEAN_CLOSE_CODES = frozenset({1000, 1001, 1005})
 
 # Header kinds for the one-pass request filter.
 _HOST, _CL, _TE, _CONN, _DROP, _FWD, _VIA, _COOKIE, _UNIT, _EMAIL, _XFF, _XFP = range(12)
@@ -106,7 +116,7 @@ _HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
 class Downstream(Protocol):
-    """What the pipeline needs from the client side (edge/asgi.py implements it)."""
+    """What the pipeline needs from the client side (edge/frontend.py implements it)."""
 
     async def read_body(self) -> tuple[bytes, bool]:
         """Next request body chunk and whether more follows; raises `ClientGone`."""
@@ -120,8 +130,18 @@ class Downstream(Protocol):
     async def write(self, data: bytes, more: bool) -> bool:
         """A body chunk; False when the client is gone."""
 
-    def watch_disconnect(self, on_gone: UpstreamResponse) -> asyncio.Task[None] | None:
+    def watch_disconnect(self, on_gone: UpstreamResponse) -> None:
         """Abort `on_gone` when the client disconnects during a streamed response."""
+
+
+class UpstreamHead(Protocol):
+    """The parts of an upstream answer `response_filter` reads (a pooled response, or the
+    answer to a WebSocket upgrade)."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body_length: int | None
+    has_body: bool
 
 
 class ClientGone(Exception):
@@ -136,6 +156,14 @@ class Reject(Exception):
         self.status = status
         self.message = message
         self.close = close
+
+
+class Held(Reject):
+    """Maintenance (issue #10): a 503 answered by `maintenance_response`, not refused."""
+
+    def __init__(self, maintenance: Maintenance) -> None:
+        super().__init__(503, maintenance.message, close=False)
+        self.maintenance = maintenance
 
 
 def canonical_path(raw: bytes) -> bytes:
@@ -198,8 +226,41 @@ def _host_key(value: bytes) -> str:
     return host
 
 
+class BodyStream:
+    """The rest of a request body that did not arrive in one piece, read as it is sent on.
+
+    An async iterator class rather than an async generator: mypyc, which compiles this module
+    (scripts/compile), cannot compile async generators."""
+
+    __slots__ = ("downstream", "first", "total", "limit", "more")
+
+    def __init__(self, downstream: Downstream, first: bytes, limit: int) -> None:
+        self.downstream = downstream
+        self.first: bytes | None = first
+        self.total = len(first)
+        self.limit = limit
+        self.more = True
+
+    def __aiter__(self) -> BodyStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        first = self.first
+        if first is not None:
+            self.first = None
+            return first
+        while self.more:
+            data, self.more = await self.downstream.read_body()
+            self.total += len(data)
+            if self.total > self.limit:
+                raise Reject(413, "request body too large")
+            if data:
+                return data
+        raise StopAsyncIteration
+
+
 class Pipeline:
-    """Everything a proxied request needs, built once; `handle` runs the phases."""
+    """Everything a proxied request needs, built once; `handle` and `upgrade` run the phases."""
 
     def __init__(
         self,
@@ -219,6 +280,8 @@ class Pipeline:
         self.identity = identity
         self.pools = pools
         self.metrics = metrics
+        self.tunnels = TunnelRegistry(on_end=self._tunnel_ended)
+        metrics.open_tunnels = self.tunnels.counts
         self.kinds = dict(_REQUEST_KINDS)
         self.kinds[unit_header.encode("ascii")] = _UNIT
         self.kinds[email_header.encode("ascii")] = _EMAIL
@@ -245,19 +308,22 @@ class Pipeline:
         self._version_header = str(snapshot.version).encode()
         return self.pools.unused(targets.values())
 
-    # -- phases --------------------------------------------------------------------------------
+    # -- admission: request_filter -> identify -> decide ---------------------------------------
 
-    def request_filter(
-        self,
-        headers: list[tuple[bytes, bytes]],
-        http_version: str,
-        client: tuple[str, int] | None,
-        scheme: str,
-    ) -> tuple[list[bytes], bytes | None, bytes | None, bytes | None, bytes | None, int, bool]:
-        """One pass over the client's headers.
+    def admit(self, ctx: RequestContext) -> None:
+        """The admission steps every exchange (HTTP or WebSocket) takes; `Reject` refuses."""
+        self.request_filter(ctx)
+        self.identify(ctx)
+        self.decide(ctx)
 
-        Returns (kept header bytes, host, unit header, cookie, email, content length or -1,
-        chunked)."""
+    def request_filter(self, ctx: RequestContext) -> None:
+        """The canonical path, one pass over the client's headers, the route.
+
+        Sets host, kept header lines, identity inputs, body framing and route on `ctx`."""
+        ctx.path = path = canonical_path(ctx.path)
+        if b"#" in ctx.query:
+            raise Reject(400, "fragment in request target")  # HARDENING row 24
+        headers = ctx.headers
         if len(headers) > MAX_HEADERS:
             raise Reject(431, "too many request headers")
         kinds = self.kinds
@@ -305,32 +371,53 @@ class Pipeline:
             # _DROP and _FWD: not forwarded
         if size > MAX_HEADER_BYTES:
             raise Reject(431, "request header block too large")
-        if host is None and http_version != "1.0":
+        version = ctx.version
+        if host is None and version != "1.0":
             raise Reject(400, "missing Host header")
-        length = -1
-        chunked = False
-        if te is not None:
-            if cl is not None:
-                raise Reject(400, "both Content-Length and Transfer-Encoding")  # RFC 9112 §6.1
-            if te.strip().lower() != b"chunked" or http_version == "1.0":
-                raise Reject(501, "unsupported Transfer-Encoding")
-            chunked = True
-        elif cl is not None:
-            # A leading zero ("010") is read as 10 by some parsers and 8 by others: refuse it
-            # (HARDENING table (a) row 5).
-            if (
-                not cl.isdigit()
-                or len(cl) > MAX_CONTENT_LENGTH_DIGITS
-                or (len(cl) > 1 and cl[:1] == b"0")
-            ):
-                raise Reject(400, "invalid Content-Length")
-            length = int(cl)
+        if cl is not None or te is not None:
+            try:
+                framing, length = request_framing(version, cl, te)
+            except FramingError as exc:
+                raise Reject(exc.status, exc.message) from None
             if length > self.max_body_bytes:
                 raise Reject(413, "request body too large")
+            ctx.length = length
+            ctx.chunked = framing == CHUNKED
         if conn is not None:
             kept = self._strip_nominated(conn, kept)
-        kept += self._forwarding(host, client, scheme, xff, xfp, via)
-        return kept, host, unit, cookie, email, length, chunked
+        kept += self._forwarding(host, ctx.client, ctx.scheme, xff, xfp, via)
+        ctx.kept = kept
+        ctx.host = host
+        ctx.unit_header = unit
+        ctx.cookie = cookie
+        ctx.email = email
+        route = self.route(host, path)
+        if route is None:
+            raise Reject(404, "no route for this host and path", close=False)
+        ctx.route = route
+
+    def identify(self, ctx: RequestContext) -> None:
+        """The unit: the trusted header, else the signed cookie, else a new signed cookie."""
+        ctx.unit, ctx.set_cookie = self.identity.resolve(ctx.unit_header, ctx.cookie)
+
+    def decide(self, ctx: RequestContext) -> None:
+        """The route's release assigns the unit an arm (the bucketing contract, DESIGN.md §2).
+
+        Maintenance first (issue #10): everyone but the internal cohort, who pass so the team
+        can test, is held with a 503 before an arm is chosen, so a held request is never
+        counted against an arm."""
+        route = ctx.route
+        assert route is not None
+        email = ctx.email.decode("utf-8", "replace") if ctx.email is not None else None
+        maintenance = route.maintenance
+        if maintenance is not None and not route.is_internal(ctx.unit, email):
+            raise Held(maintenance)
+        decision = route.assign(ctx.unit, email)
+        target = self.targets[route.name][1 if decision.arm == ARM_CANARY else 0]
+        ctx.target = target
+        ctx.release = target.release
+        ctx.arm = target.arm
+        ctx.cohort = decision.cohort
 
     def _strip_nominated(self, conn: bytes, kept: list[bytes]) -> list[bytes]:
         nominated = set()
@@ -400,9 +487,39 @@ class Pipeline:
             self._host_cache[host] = key
         return snapshot.match(key, path.decode("latin-1"))
 
-    def response_filter(
-        self, resp: UpstreamResponse, target: Target, set_cookie: bytes | None
-    ) -> list[tuple[bytes, bytes]]:
+    # -- upstream ----------------------------------------------------------------------------
+
+    def upstream_peer(self, ctx: RequestContext) -> UpstreamPool:
+        """The target's next upstream (round-robin); called again for a retry."""
+        assert ctx.target is not None
+        pool = ctx.upstream = ctx.target.pick()
+        return pool
+
+    def upstream_request_filter(self, ctx: RequestContext) -> bytes:
+        """The upstream request head: re-framed, never the client's CL/TE (RFC 9112 §6.1)."""
+        target = ctx.target
+        assert target is not None
+        host = ctx.host
+        parts = [ctx.method.encode("ascii"), b" ", ctx.path]
+        if ctx.query:
+            parts += (b"?", ctx.query)
+        parts.append(b" HTTP/1.1\r\nhost: ")
+        parts.append(host if host is not None else target.pools[0].host.encode("ascii"))
+        parts.append(b"\r\n")
+        parts += ctx.kept
+        parts.append(target.upstream_headers)
+        if ctx.websocket:
+            parts.append(b"connection: upgrade\r\nupgrade: websocket\r\n")  # RFC 6455 §4.1
+        elif ctx.chunked:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        elif ctx.length >= 0:
+            parts.append(b"content-length: %d\r\n" % ctx.length)
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def response_filter(self, ctx: RequestContext, resp: UpstreamHead) -> list[tuple[bytes, bytes]]:
+        """The client's response headers: hop-by-hop and nominated ones out, framing
+        re-derived, Via, decision headers and the new unit's cookie in."""
         out: list[tuple[bytes, bytes]] = []
         nominated: bytes | None = None
         declared: bytes | None = None
@@ -414,7 +531,8 @@ class Pipeline:
                     declared = value
                 continue
             if name in LOCATION_FIELDS and self.rewrite_redirects:
-                value = relative_location(value, upstream_origins(target.pools))
+                assert ctx.target is not None
+                value = relative_location(value, upstream_origins(ctx.target.pools))
             out.append((name, value))
         if nominated is not None and nominated.lower() not in (b"keep-alive", b"close"):
             names = {t.strip() for t in nominated.lower().split(b",")}
@@ -433,20 +551,23 @@ class Pipeline:
             out.append((b"content-length", declared))
         out.append((b"via", self.via))
         if self.expose:
-            out.append((b"x-turnout-arm", target.arm.encode()))
+            out.append((b"x-turnout-arm", ctx.arm.encode()))
             out.append((b"x-turnout-config-version", self._version_header))
-        if set_cookie is not None:
-            out.append((b"set-cookie", set_cookie))
+        if ctx.set_cookie is not None:
+            out.append((b"set-cookie", ctx.set_cookie))
         return out
 
     def error_response(
         self,
         status: int,
         message: str,
-        target: Target | None,
-        set_cookie: bytes | None = None,
+        ctx: RequestContext | None = None,
+        *,
         close: bool = False,
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """Every answer the edge makes up itself: a short text naming the release and arm
+        once they are known, never cached, with the new unit's cookie if one was minted."""
+        target = ctx.target if ctx is not None else None
         if target is not None:
             text = f"turnout: {message} (release {target.release}, arm {target.arm})\n"
         else:
@@ -463,89 +584,62 @@ class Pipeline:
             headers.append((b"x-turnout-config-version", self._version_header))
             if target is not None:
                 headers.append((b"x-turnout-arm", target.arm.encode()))
-        if set_cookie is not None:
-            headers.append((b"set-cookie", set_cookie))
+        if ctx is not None and ctx.set_cookie is not None:
+            headers.append((b"set-cookie", ctx.set_cookie))
         return status, headers, body
 
-    # -- the whole request -----------------------------------------------------------------------
+    def maintenance_response(
+        self, maintenance: Maintenance, ctx: RequestContext, *, close: bool = False
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """error_response's sibling for maintenance: 503 with Retry-After (RFC 9110 §15.6.4,
+        §10.2.3), JSON or a short HTML page by Accept, never cached, the new unit's cookie."""
+        status, headers, body = maintenance_answer(maintenance, ctx.headers)
+        if close:
+            headers.append((b"connection", b"close"))
+        if self.expose:
+            headers.append((b"x-turnout-config-version", self._version_header))
+        if ctx.set_cookie is not None:
+            headers.append((b"set-cookie", ctx.set_cookie))
+        return status, headers, body
 
-    async def handle(
+    async def _refuse(
         self,
-        method: str,
-        raw_path: bytes,
-        query: bytes,
-        headers: list[tuple[bytes, bytes]],
-        http_version: str,
-        client: tuple[str, int] | None,
-        scheme: str,
+        ctx: RequestContext,
         downstream: Downstream,
+        status: int,
+        message: str,
+        close: bool,
     ) -> None:
-        target: Target | None = None
-        set_cookie: bytes | None = None
-        try:
-            path = canonical_path(raw_path)
-            if b"#" in query:
-                raise Reject(400, "fragment in request target")  # HARDENING row 24
-            kept, host, unit_raw, cookie, email_raw, length, chunked = self.request_filter(
-                headers, http_version, client, scheme
-            )
-            rel = self.route(host, path)
-            if rel is None:
-                await downstream.respond(
-                    *self.error_response(404, "no route for this host and path", None)
-                )
-                return
-            target, set_cookie = self.upstream_peer(rel, unit_raw, cookie, email_raw)
-        except Reject as exc:
-            await downstream.respond(
-                *self.error_response(exc.status, exc.message, None, close=exc.close)
-            )
+        ctx.status = status
+        await downstream.respond(*self.error_response(status, message, ctx, close=close))
+
+    async def _turn_away(
+        self, ctx: RequestContext, downstream: Downstream, exc: Reject, close: bool
+    ) -> None:
+        """Answer an admission that did not pass: held for maintenance, or refused."""
+        if isinstance(exc, Held):
+            ctx.status = exc.status
+            answer = self.maintenance_response(exc.maintenance, ctx, close=close)
+            await downstream.respond(*answer)
             return
-        head = self.upstream_request_head(method, path, query, host, kept, target, length, chunked)
-        await self.forward(method, head, length, chunked, target, set_cookie, downstream)
+        await self._refuse(ctx, downstream, exc.status, exc.message, close)
 
-    def upstream_peer(
-        self,
-        rel: CompiledRelease,
-        unit_raw: bytes | None,
-        cookie: bytes | None,
-        email_raw: bytes | None,
-    ) -> tuple[Target, bytes | None]:
-        """identify + decide + upstream_peer, shared by HTTP and WebSocket: the unit's target,
-        and the Set-Cookie value when a new anonymous id was assigned."""
-        unit, set_cookie = self.identity.resolve(unit_raw, cookie)
-        email = email_raw.decode("utf-8", "replace") if email_raw is not None else None
-        decision = rel.assign(unit, email)
-        return self.targets[rel.name][1 if decision.arm == ARM_CANARY else 0], set_cookie
+    # -- the whole exchange ------------------------------------------------------------------
 
-    def upstream_request_head(
-        self,
-        method: str,
-        path: bytes,
-        query: bytes,
-        host: bytes | None,
-        kept: list[bytes],
-        target: Target,
-        length: int,
-        chunked: bool,
-    ) -> bytes:
-        parts = [method.encode("ascii"), b" ", path]
-        if query:
-            parts += (b"?", query)
-        parts.append(b" HTTP/1.1\r\nhost: ")
-        parts.append(host if host is not None else target.pools[0].host.encode("ascii"))
-        parts.append(b"\r\n")
-        parts += kept
-        parts.append(target.upstream_headers)
-        if chunked:
-            parts.append(b"transfer-encoding: chunked\r\n")
-        elif length >= 0:
-            parts.append(b"content-length: %d\r\n" % length)
-        parts.append(b"\r\n")
-        return b"".join(parts)
+    async def handle(self, ctx: RequestContext, downstream: Downstream) -> None:
+        """One HTTP exchange: admission, forward, then `logging` whatever happened."""
+        try:
+            try:
+                self.admit(ctx)
+            except Reject as exc:
+                await self._turn_away(ctx, downstream, exc, exc.close)
+                return
+            await self.forward(ctx, self.upstream_request_filter(ctx), downstream)
+        finally:
+            self.logging(ctx)
 
     async def _request_body(
-        self, downstream: Downstream, length: int, chunked: bool
+        self, downstream: Downstream, length: int
     ) -> bytes | AsyncIterator[bytes]:
         if length == 0:
             return b""
@@ -554,51 +648,34 @@ class Pipeline:
             if len(data) > self.max_body_bytes:
                 raise Reject(413, "request body too large")
             return data
-        return self._stream_body(downstream, data)
+        return BodyStream(downstream, data, self.max_body_bytes)
 
-    async def _stream_body(self, downstream: Downstream, first: bytes) -> AsyncIterator[bytes]:
-        total = len(first)
-        yield first
-        more = True
-        while more:
-            data, more = await downstream.read_body()
-            total += len(data)
-            if total > self.max_body_bytes:
-                raise Reject(413, "request body too large")
-            if data:
-                yield data
+    async def forward(self, ctx: RequestContext, head: bytes, downstream: Downstream) -> None:
+        """Send the request through the lean pool and relay the answer.
 
-    async def forward(
-        self,
-        method: str,
-        head: bytes,
-        length: int,
-        chunked: bool,
-        target: Target,
-        set_cookie: bytes | None,
-        downstream: Downstream,
-    ) -> None:
-        metrics = self.metrics
-        release, arm = target.release, target.arm
+        A failure with nothing sent moves on to the arm's next upstream, once (nginx's
+        `proxy_next_upstream error timeout`); one that may have reached an upstream is never
+        replayed elsewhere (RFC 9110 §9.2.2)."""
+        target = ctx.target
+        assert target is not None
         body: bytes | AsyncIterator[bytes] | None = None
-        if length >= 0 or chunked:
+        chunked = ctx.chunked
+        if ctx.length >= 0 or chunked:
             try:
-                body = await self._request_body(downstream, length, chunked)
+                body = await self._request_body(downstream, ctx.length)
             except ClientGone:
                 return
             except Reject as exc:
-                await downstream.respond(
-                    *self.error_response(exc.status, exc.message, target, set_cookie, close=True)
-                )
-                metrics.count(release, arm, exc.status)
+                await self._refuse(ctx, downstream, exc.status, exc.message, True)
                 return
         replayable = body is None or type(body) is bytes  # not an ABC check: hot path
-        attempts = len(target.pools) if replayable else 1
+        attempts = 2 if replayable and len(target.pools) > 1 else 1
+        method = ctx.method
         started = time.perf_counter()
         resp: UpstreamResponse | None = None
-        error: tuple[int, str, str] | None = None
-        for _ in range(min(attempts, 2)):
-            pool = target.pick()
+        failure: UpstreamError | None = None
+        for _ in range(attempts):
+            pool = self.upstream_peer(ctx)
             try:
                 resp = await pool.request(
                     head,
@@ -608,76 +685,175 @@ class Pipeline:
                     idempotent=method in IDEMPOTENT_METHODS,
                 )
                 break
-            except UpstreamConnectError as exc:
-                error = (502, "upstream refused or unreachable", "connect")
-                if exc.phase in ("connect", "pool"):
-                    continue  # nothing was sent: the arm's next upstream may answer (§8 row 1)
-                break  # the request went out: never replay it elsewhere (RFC 9110 §9.2.2)
-            except UpstreamTimeout as exc:
-                if exc.phase == "pool":
-                    error = (503, "upstream connection pool exhausted", "pool")
-                else:
-                    error = (504, "upstream timed out", "timeout")
-                break
-            except (UpstreamProtocolError, UpstreamError):
-                error = (502, "invalid response from upstream", "protocol")
-                break
-            except (ClientGone, Reject) as exc:
-                if isinstance(exc, Reject):
-                    await downstream.respond(
-                        *self.error_response(
-                            exc.status, exc.message, target, set_cookie, close=True
-                        )
-                    )
+            except UpstreamError as error:  # one name per exception type: mypyc types `as` names
+                failure = error
+                if error.sent:
+                    break
+            except ClientGone:
+                return
+            except Reject as exc:  # raised by the streamed body: too large
+                await self._refuse(ctx, downstream, exc.status, exc.message, True)
                 return
         if resp is None:
-            status, message, kind = error or (502, "upstream unavailable", "connect")
-            metrics.error(release, arm, kind)
-            metrics.count(release, arm, status)
-            await downstream.respond(*self.error_response(status, message, target, set_cookie))
+            assert failure is not None
+            status, message, ctx.error = classify(failure)
+            await self._refuse(ctx, downstream, status, message, False)
             return
-        elapsed = time.perf_counter() - started
-        status = resp.status
-        headers = self.response_filter(resp, target, set_cookie)
-        if resp.complete:  # the common case: answer first, count after (off the latency path)
+        ctx.upstream_s = time.perf_counter() - started
+        ctx.status = status = resp.status
+        headers = self.response_filter(ctx, resp)
+        if resp.complete:  # the common case: one write, then count (off the latency path)
             data = resp.take()
             resp.release()
             await downstream.respond(status, headers, data)
-            metrics.upstream_latency[arm].observe(elapsed)
-            metrics.count(release, arm, status)
+            ctx.bytes_sent = len(data)
             return
-        metrics.upstream_latency[arm].observe(elapsed)
-        metrics.count(release, arm, status)
-        await self._stream_response(resp, status, headers, downstream, release, arm)
+        await self.response_body(ctx, resp, headers, downstream)
 
-    async def _stream_response(
+    async def response_body(
         self,
+        ctx: RequestContext,
         resp: UpstreamResponse,
-        status: int,
         headers: list[tuple[bytes, bytes]],
         downstream: Downstream,
-        release: str,
-        arm: str,
     ) -> None:
-        watcher = downstream.watch_disconnect(resp)
+        """Stream a response whose body is still arriving, flow-controlled both ways."""
+        downstream.watch_disconnect(resp)
         try:
-            await downstream.start(status, headers)
+            await downstream.start(resp.status, headers)
             while True:
                 try:
                     chunk = await resp.read()
                 except UpstreamError:
                     # Head already sent: abort the client connection, never end "cleanly" (§2.12).
-                    self.metrics.error(release, arm, "midstream")
+                    ctx.error = "midstream"
                     resp.abort()
                     return
                 if not chunk:
                     resp.release()
                     await downstream.write(b"", False)
                     return
+                ctx.bytes_sent += len(chunk)
                 if not await downstream.write(chunk, True):
                     resp.abort()
                     return
         finally:
             resp.abort()  # no-op after release(); frees the connection on any other exit
-            if watcher is not None:
-                watcher.cancel()
+
+    # -- WebSocket ---------------------------------------------------------------------------
+
+    async def upgrade(
+        self,
+        ctx: RequestContext,
+        downstream: Downstream,
+        take_client: Callable[[], asyncio.Transport | None],
+        client_bytes: bytes,
+    ) -> None:
+        """A WebSocket exchange: the same admission as HTTP, the upgrade request on a fresh
+        upstream connection, then a byte tunnel after its `101` (edge/tunnel.py); any other
+        answer is relayed as a normal response. `take_client` hands over the client's
+        transport (None if it is gone); `client_bytes` arrived after the handshake."""
+        ctx.websocket = True
+        try:
+            try:
+                self.admit(ctx)
+            except Reject as exc:
+                await self._turn_away(ctx, downstream, exc, True)
+                return
+            head = self.upstream_request_filter(ctx)
+            pool = self.upstream_peer(ctx)
+            timeouts = pool.timeouts
+            started = time.perf_counter()
+            try:
+                answer = await open_upstream(
+                    pool.host,
+                    pool.port,
+                    head,
+                    ssl=pool.ssl,
+                    connect_timeout_s=timeouts.connect_s,
+                    read_timeout_s=timeouts.read_s,
+                )
+            except UpstreamError as error:  # one name per exception type (mypyc)
+                status, message, ctx.error = classify(error)
+                await self._refuse(ctx, downstream, status, message, True)
+                return
+            ctx.upstream_s = time.perf_counter() - started
+            ctx.status = answer.status
+            if answer.status != 101:
+                await downstream.respond(
+                    answer.status, self.response_filter(ctx, answer), answer.body
+                )
+                ctx.bytes_sent = len(answer.body)
+                return
+            self._open_tunnel(ctx, answer, take_client(), client_bytes)
+        finally:
+            self.logging(ctx)
+
+    def _open_tunnel(
+        self,
+        ctx: RequestContext,
+        answer: Handshake,
+        client: asyncio.Transport | None,
+        client_bytes: bytes,
+    ) -> None:
+        if client is None:  # the client left while the upstream answered
+            if answer.transport is not None:
+                answer.transport.close()
+            return
+        # The 101's head as the upstream sent it (Upgrade, Connection, Sec-WebSocket-*
+        # belong to this hop too: RFC 6455 §4.2.2), plus Via and the decision headers.
+        lines = [b"HTTP/1.1 101 Switching Protocols\r\n"]
+        for name, value in answer.headers:
+            if name not in (b"content-length", b"transfer-encoding", b"keep-alive"):
+                lines += (name, b": ", value, b"\r\n")
+        lines += (b"via: ", self.via, b"\r\n")
+        if self.expose:
+            lines += (b"x-turnout-arm: ", ctx.arm.encode(), b"\r\n")
+        if ctx.set_cookie is not None:
+            lines += (b"set-cookie: ", ctx.set_cookie, b"\r\n")
+        lines.append(b"\r\n")
+        key = (ctx.release, ctx.arm)
+        websockets = self.metrics.websockets
+        websockets[key] = websockets.get(key, 0) + 1
+        tunnel = Tunnel(ctx.release, ctx.arm, client, answer, self.tunnels)
+        tunnel.start(b"".join(lines), client_bytes, answer.tunnel_bytes)
+
+    # -- logging -----------------------------------------------------------------------------
+
+    def logging(self, ctx: RequestContext) -> None:
+        """The last phase: the finished exchange, refused, failed or answered.
+
+        Counts per-release, per-arm metrics and feeds the guard's per-arm windows (issue #10),
+        once per exchange, from the answer as the client got it: Turnout's own 502/503/504
+        for a dead or slow upstream count against the arm, and a body cut off mid-stream
+        (`error` "midstream" after a 2xx head) is an error of its one request. The latency is
+        the time to the upstream's response head, or to Turnout's own answer. A `101` is
+        judged when its tunnel ends (`_tunnel_ended`). Exchanges refused before a release was
+        chosen (and maintenance holds) have no per-arm series and are not counted here."""
+        if ctx.target is None:
+            return
+        metrics = self.metrics
+        release, arm = ctx.release, ctx.arm
+        error = ctx.error
+        if error is not None:
+            metrics.error(release, arm, error)
+        upstream_s = ctx.upstream_s
+        if upstream_s >= 0:
+            metrics.upstream_latency[arm].observe(upstream_s)
+        status = ctx.status
+        if status:
+            metrics.count(release, arm, status)
+            if status != 101:
+                elapsed = upstream_s if upstream_s >= 0 else time.perf_counter() - ctx.started
+                metrics.arms.record(release, arm, status, elapsed, error is not None)
+
+    def _tunnel_ended(self, release: str, arm: str, upstream_code: int | None) -> None:
+        """A tunnel closed (edge/tunnel.py): counted once in the guard's windows when the
+        upstream ended it, as an error for an error close code or a dropped connection (issue
+        #10: "monitor WebSocket connections"). Closed by the client or by the edge: not judged."""
+        if upstream_code is None:
+            return
+        failed = upstream_code not in CLEAN_CLOSE_CODES
+        self.metrics.arms.record(release, arm, 500 if failed else 200, None, failed)
+        if failed:
+            self.metrics.error(release, arm, "websocket_close")

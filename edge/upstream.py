@@ -6,12 +6,12 @@ Rules of this file
   ``httptools.HttpResponseParser`` that lives as long as the connection (replaced only after a
   response to HEAD, whose body length llhttp cannot be told to ignore). At most one request is
   in flight per connection: no pipelining.
-* Framing of a response (RFC 9112 §6.1, §6.3): exactly one ``Transfer-Encoding`` field whose
-  value is exactly ``chunked``, or at most one valid ``Content-Length``, or neither (then the
-  body runs to EOF and the connection is not reused, §6.3 item 8). Both together, any other
-  transfer coding, or conflicting / duplicate lengths are rejected (``UpstreamProtocolError``)
-  and the connection is closed: a proxy must never forward or reuse a desynchronised stream
-  (§6.3 items 3-5, §11.2).
+* Framing of a response is edge/framing.py's ``response_framing`` (RFC 9112 §6.1, §6.3):
+  exactly one ``Transfer-Encoding`` field whose value is exactly ``chunked``, or at most one
+  valid ``Content-Length``, or neither (then the body runs to EOF and the connection is not
+  reused, §6.3 item 8). Both together, any other transfer coding, or conflicting / duplicate
+  lengths are rejected (``ProtocolError``) and the connection is closed: a proxy must never
+  forward or reuse a desynchronised stream (§6.3 items 3-5, §11.2).
 * Responses to HEAD, 1xx, 204 and 304 never have a body (§6.3 items 1-2). 100 and 103 are
   interim and skipped (RFC 9110 §15.2); 101 and any other 1xx, and a status outside 200-599,
   are errors. Only HTTP/1.0 and HTTP/1.1 status lines are accepted (§2.3).
@@ -28,8 +28,8 @@ Rules of this file
 * Pool slots: a request holds one slot from acquisition until ``release()``/``abort()`` (or
   until it fails); every await point frees it on cancellation.
 * Hot path budget: one ``transport.write`` for the head (and a small body), one future, one
-  response object and one header list per request. Timeouts use one lazily re-armed
-  ``call_at`` handle per connection instead of ``asyncio.wait_for``.
+  response object and one header list per request. Timeouts use one ``Deadline`` per
+  connection (edge/deadline.py, shared with the front-end) instead of ``asyncio.wait_for``.
 """
 
 from __future__ import annotations
@@ -43,48 +43,26 @@ from typing import NoReturn, cast
 
 import httptools
 
-__all__ = [
-    "Timeouts",
-    "UpstreamConnectError",
-    "UpstreamError",
-    "UpstreamPool",
-    "UpstreamProtocolError",
-    "UpstreamResponse",
-    "UpstreamTimeout",
-]
+from edge.deadline import Deadline
+from edge.errors import (
+    ClosedBeforeResponse,
+    ConnectError,
+    ConnectTimeout,
+    PoolTimeout,
+    ProtocolError,
+    ReadTimeout,
+    ResponseAborted,
+    UpstreamError,
+    UpstreamTimeout,
+    WriteTimeout,
+)
+from edge.framing import CONTENT_LENGTH, NO_BODY, UNTIL_CLOSE, FramingError, response_framing
+
+__all__ = ["Timeouts", "UpstreamPool", "UpstreamResponse"]
 
 HIGH_WATER = 256 * 1024  # pause reading when this many body bytes wait for the caller
 MAX_HEAD = 100 * 1024  # a response head (with interim responses) larger than this is refused
 _SMALL_BODY = 64 * 1024  # bodies up to this size are copied into the head's write
-_CLOCK_SLACK = 0.001
-
-
-class UpstreamError(Exception):
-    """Base class; ``phase`` is one of "connect", "write", "read", "pool", "protocol"."""
-
-    default_phase = "protocol"
-
-    def __init__(self, message: str = "", phase: str | None = None) -> None:
-        super().__init__(message)
-        self.phase: str = phase if phase is not None else self.default_phase
-
-
-class UpstreamConnectError(UpstreamError):
-    """Refused, unreachable, or closed before any response byte (the caller answers 502)."""
-
-    default_phase = "connect"
-
-
-class UpstreamTimeout(UpstreamError):
-    """A connect, read, write or pool timeout (the caller answers 504)."""
-
-    default_phase = "read"
-
-
-class UpstreamProtocolError(UpstreamError):
-    """Invalid framing or status from the upstream, or a reset mid-response (502 or abort)."""
-
-    default_phase = "protocol"
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,26 +107,26 @@ class UpstreamResponse:
     async def read(self) -> bytes:
         """Next body bytes (everything buffered so far); b"" at the end of the body.
 
-        Raises UpstreamProtocolError / UpstreamTimeout when the body cannot be completed.
+        Raises ProtocolError / ReadTimeout when the body cannot be completed.
         A read interrupted by cancellation aborts the response; a read after (or during)
-        ``abort()`` raises UpstreamError(phase="read").
+        ``abort()`` raises ResponseAborted.
         """
         c = self._conn
         if c is None:
             if self._aborted:
-                raise UpstreamError("upstream response was aborted", "read")
+                raise ResponseAborted("upstream response was aborted")
             return b""
         chunks = c._chunks
         while not chunks:
             if self._conn is None:  # aborted by another task while we waited
-                raise UpstreamError("upstream response was aborted", "read")
+                raise ResponseAborted("upstream response was aborted")
             if c._exc is not None:
                 raise c._exc
             if c._msg_done:
                 return b""
             waiter: asyncio.Future[None] = c._loop.create_future()
             c._body_waiter = waiter
-            c._arm(c._pool._read_s, "read")
+            c._arm(c._pool._read_s, ReadTimeout)
             try:
                 await waiter
             except BaseException:
@@ -156,7 +134,7 @@ class UpstreamResponse:
                 raise
             finally:
                 c._body_waiter = None
-                c._deadline = 0.0
+                c._deadline.when = 0.0  # clear(), inlined: once per body wait
         return self.take()
 
     def take(self) -> bytes:
@@ -218,15 +196,13 @@ class _Conn(asyncio.Protocol):
         "_msg_done",
         "_nreq",
         "_parser",
-        "_phase",
+        "_on_deadline",
         "_pool",
         "_read_paused",
         "_req_done",
         "_resp",
         "_te",
         "_te_n",
-        "_timer",
-        "_timer_at",
         "_transport",
         "_write_paused",
     )
@@ -261,10 +237,8 @@ class _Conn(asyncio.Protocol):
         self._closed = False
         self._nreq = 0
         self._idle_since = 0.0
-        self._deadline = 0.0
-        self._phase = "read"
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+        self._deadline = Deadline(loop, self._expired)
+        self._on_deadline: type[UpstreamTimeout] = ReadTimeout
 
     # -- request side ---------------------------------------------------------------------
 
@@ -293,7 +267,8 @@ class _Conn(asyncio.Protocol):
         else:
             transport.writelines((head, body))
         if not streamed:
-            self._arm(self._pool._read_s, "read")
+            self._on_deadline = ReadTimeout  # _arm(), inlined: once per request
+            self._deadline.arm(self._pool._read_s)
         return resp
 
     async def _send_body(self, body: AsyncIterator[bytes], chunked: bool) -> None:
@@ -326,41 +301,26 @@ class _Conn(asyncio.Protocol):
     async def _drain(self) -> None:
         waiter: asyncio.Future[None] = self._loop.create_future()
         self._drain_waiter = waiter
-        self._arm(self._pool._write_s, "write")
+        self._arm(self._pool._write_s, WriteTimeout)
         try:
             await waiter
         finally:
             self._drain_waiter = None
-            self._deadline = 0.0
+            self._deadline.clear()
         if self._exc is not None:
             raise self._exc
 
     # -- timers -----------------------------------------------------------------------------
 
-    def _arm(self, delay: float, phase: str) -> None:
-        """Set the deadline; the handle is only (re)scheduled when it would fire too late."""
-        self._deadline = deadline = self._loop.time() + delay
-        self._phase = phase
-        timer = self._timer
-        if timer is None or deadline < self._timer_at:
-            if self._closed:
-                return
-            if timer is not None:
-                timer.cancel()
-            self._timer_at = deadline
-            self._timer = self._loop.call_at(deadline, self._on_timer)
+    def _arm(self, delay: float, on_deadline: type[UpstreamTimeout]) -> None:
+        """Fail with `on_deadline` unless progress re-arms or clears it within `delay`."""
+        if not self._closed:
+            self._on_deadline = on_deadline
+            self._deadline.arm(delay)
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        deadline = self._deadline
-        if not deadline or self._closed:
-            return
-        if deadline - self._loop.time() > _CLOCK_SLACK:
-            self._timer_at = deadline
-            self._timer = self._loop.call_at(deadline, self._on_timer)
-            return
-        self._deadline = 0.0
-        self._fail(UpstreamTimeout(f"upstream {self._phase} timed out", self._phase))
+    def _expired(self) -> None:
+        if not self._closed:
+            self._fail(self._on_deadline("upstream timed out"))
 
     # -- state changes ----------------------------------------------------------------------
 
@@ -378,15 +338,13 @@ class _Conn(asyncio.Protocol):
     def _close(self) -> None:
         if not self._closed:
             self._closed = True
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+            self._deadline.cancel()
             if self._transport is not None:
                 self._transport.abort()
 
     def _complete(self) -> None:
         self._msg_done = True
-        self._deadline = 0.0
+        self._deadline.when = 0.0  # clear(), inlined: once per response
         resp = self._resp
         if resp is not None:
             resp.complete = True
@@ -412,18 +370,18 @@ class _Conn(asyncio.Protocol):
         if not self._headers_done:
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD:
-                self._fail(UpstreamProtocolError("response head too large", "protocol"))
+                self._fail(ProtocolError("response head too large"))
 
     def _parse_error(self, e: Exception) -> None:
         if self._msg_done:
             self._close()  # bytes after the end of a valid response: never reuse
         elif self._exc is None:
             cause = e.__context__
-            if isinstance(cause, UpstreamProtocolError):
+            if isinstance(cause, ProtocolError):
                 self._fail(cause)  # raised by one of our callbacks
             else:
                 msg = f"invalid response from upstream: {e}"
-                self._fail(UpstreamProtocolError(msg, "protocol"))
+                self._fail(ProtocolError(msg))
 
     def eof_received(self) -> bool | None:
         if self._eof_body and self._headers_done and not self._msg_done:
@@ -432,21 +390,15 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline.cancel()
         self._pool._lost(self)
         if self._resp is not None and not self._msg_done and self._exc is None:
             if self._headers_done:
-                self._exc = UpstreamProtocolError("upstream closed the connection mid-body", "read")
+                self._exc = ProtocolError("upstream closed the connection mid-body")
             elif self._got_bytes:
-                self._exc = UpstreamProtocolError(
-                    "upstream closed the connection inside the response head", "read"
-                )
+                self._exc = ProtocolError("upstream closed the connection inside the response head")
             else:
-                self._exc = UpstreamConnectError(
-                    "upstream closed the connection before responding", "read"
-                )
+                self._exc = ClosedBeforeResponse("upstream closed the connection before responding")
         self._wake()
 
     def pause_writing(self) -> None:
@@ -476,7 +428,7 @@ class _Conn(asyncio.Protocol):
             self._cl = value
 
     def _reject(self, message: str) -> NoReturn:
-        raise UpstreamProtocolError(message, "protocol")
+        raise ProtocolError(message)
 
     def on_headers_complete(self) -> None:
         if self._msg_done:
@@ -498,29 +450,29 @@ class _Conn(asyncio.Protocol):
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
             self._reject(f"unsupported HTTP version {version} from upstream")
-        te = self._te
-        cl = self._cl
-        # RFC 9112 §6.1: only "chunked" alone is understood; TE with CL is a desync vector.
-        if te is not None and (
-            self._te_n > 1 or cl is not None or te.strip().lower() != b"chunked"
-        ):
-            self._reject("invalid Transfer-Encoding from upstream")
+        try:
+            framing, length = response_framing(
+                status,
+                self._cl,
+                self._te,
+                transfer_encodings=self._te_n,
+                head=self._is_head,
+            )
+        except FramingError as exc:
+            self._reject(f"{exc.message} from upstream")
         resp.status = status
         resp.http_version = version
         self._keep_alive = parser.should_keep_alive()
         self._headers_done = True
-        if self._is_head or status == 204 or status == 304:
+        if framing == NO_BODY:
             resp.has_body = False
-        else:
-            if cl is not None:
-                if not cl.isdigit() or len(cl) > 18:  # llhttp already checked; keep a bound
-                    self._reject("invalid Content-Length from upstream")
-                resp.body_length = int(cl)
-            elif te is None:
-                self._eof_body = True  # close-delimited (RFC 9112 §6.3 item 8)
-                self._keep_alive = False
-        if self._phase == "read":
-            self._deadline = 0.0
+        elif framing == CONTENT_LENGTH:
+            resp.body_length = length
+        elif framing == UNTIL_CLOSE:
+            self._eof_body = True  # close-delimited (RFC 9112 §6.3 item 8)
+            self._keep_alive = False
+        if self._on_deadline is ReadTimeout:
+            self._deadline.when = 0.0  # clear(), inlined: the head arrived
         fut = self._head_fut
         if fut is not None and not fut.done():
             fut.set_result(None)
@@ -553,7 +505,7 @@ class _Conn(asyncio.Protocol):
 
 def _pool_timeout(fut: asyncio.Future[_Conn | None]) -> None:
     if not fut.done():
-        fut.set_exception(UpstreamTimeout("no free upstream connection in time", "pool"))
+        fut.set_exception(PoolTimeout("no free upstream connection in time"))
 
 
 class UpstreamPool:
@@ -586,6 +538,10 @@ class UpstreamPool:
         self._closed = False
 
     @property
+    def timeouts(self) -> Timeouts:
+        return self._timeouts
+
+    @property
     def idle_count(self) -> int:
         return len(self._idle)
 
@@ -611,7 +567,7 @@ class UpstreamPool:
         The caller must call ``release()`` or ``abort()`` on the response.
         """
         if self._closed:
-            raise UpstreamConnectError("upstream pool is closed", "pool")
+            raise ConnectError("upstream pool is closed")
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
@@ -644,14 +600,14 @@ class UpstreamPool:
             try:
                 resp = conn._start(head, raw_body, is_head, stream is not None)
                 if resp is None:
-                    raise UpstreamConnectError("pooled connection was closed", "write")
+                    raise ConnectError("pooled connection was closed")
                 written = True
                 fut = conn._head_fut
                 assert fut is not None
                 if stream is not None:
                     await conn._send_body(stream, chunked)
                     if not fut.done():
-                        conn._arm(self._read_s, "read")
+                        conn._arm(self._read_s, ReadTimeout)
                 if not fut.done():
                     await fut
                 exc = conn._exc
@@ -662,7 +618,7 @@ class UpstreamPool:
                 conn._resp = None
                 conn._close()
                 if (
-                    isinstance(e, UpstreamConnectError)
+                    isinstance(e, ConnectError)
                     and reused
                     and not retried
                     and not (written and conn._got_bytes)
@@ -720,12 +676,12 @@ class UpstreamPool:
             async with asyncio.timeout(self._timeouts.connect_s):
                 await loop.create_connection(lambda: conn, self.host, self.port, ssl=self.ssl)
         except TimeoutError:
-            raise UpstreamTimeout("connect to upstream timed out", "connect") from None
+            raise ConnectTimeout("connect to upstream timed out") from None
         except OSError as e:
-            raise UpstreamConnectError(f"cannot connect to upstream: {e}", "connect") from e
+            raise ConnectError(f"cannot connect to upstream: {e}") from e
         if self._closed:
             conn._close()
-            raise UpstreamConnectError("upstream pool is closed", "pool")
+            raise ConnectError("upstream pool is closed")
         self._conns.add(conn)
         return conn
 
@@ -797,7 +753,7 @@ class UpstreamPool:
         while waiters:
             w = waiters.popleft()
             if not w.done():
-                w.set_exception(UpstreamConnectError("upstream pool is closed", "pool"))
+                w.set_exception(ConnectError("upstream pool is closed"))
         idle = self._idle
         while idle:
             idle.pop()._close()

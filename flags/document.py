@@ -22,6 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from flags.errors import ConfigError
 from flags.hashing import normalize_unit_id
 from flags.ratelimits import RateLimit, check_rate_limits
+from flags.rollout import (
+    GuardCriteria,
+    Maintenance,
+    Plan,
+    check_guard,
+    check_maintenance,
+    check_plan,
+)
 
 STAGE_OFF = "off"
 STAGE_INTERNAL = "internal"
@@ -65,6 +73,8 @@ class Rollback(BaseModel):
     reason: str = Field(max_length=500)
     from_stage: str
     from_percent: float | None = None
+    # The guard's figures when it rolled back by itself (issue #10: shown by `explain`).
+    evidence: dict[str, str | float | int] | None = None
 
 
 class Release(BaseModel):
@@ -80,6 +90,9 @@ class Release(BaseModel):
     internal: Internal = Internal()
     rollback: Rollback | None = None
     description: str = Field(default="", max_length=500)
+    guard: GuardCriteria | None = None  # flags/rollout.py (issue #10)
+    plan: Plan | None = None
+    maintenance: Maintenance | None = None
 
 
 class Cohort(BaseModel):
@@ -109,6 +122,7 @@ class Document(BaseModel):
     cohorts: dict[str, Cohort] = Field(default_factory=dict)
     releases: dict[str, Release] = Field(default_factory=dict)
     routes: tuple[Route, ...] = ()
+    maintenance: Maintenance | None = None  # every route (issue #10)
     rate_limits: dict[str, RateLimit] = Field(default_factory=dict)  # flags/ratelimits.py
 
     def to_json(self) -> bytes:
@@ -257,11 +271,19 @@ def _check_release(doc: Document, name: str, rel: Release) -> None:
                 f"{where}.internal.unit_ids.{i}",
                 "invalid unit id (must be trimmed, NFC-normalised, printable, at most 256 bytes)",
             )
+    if rel.guard is not None:
+        check_guard(f"{where}.guard", rel.guard)
+    if rel.plan is not None:
+        check_plan(f"{where}.plan", rel.plan, doc.stages)
+    if rel.maintenance is not None:
+        check_maintenance(f"{where}.maintenance", rel.maintenance)
 
 
 def check_document(doc: Document) -> None:
     """Cross-field validation of a parsed document."""
     _check_stages(doc)
+    if doc.maintenance is not None:
+        check_maintenance("maintenance", doc.maintenance)
     for name in doc.cohorts:
         if not NAME_RE.match(name):
             raise ConfigError(f"cohorts.{name}", "invalid cohort name")

@@ -1,12 +1,26 @@
 """Routing decisions over an immutable, precompiled snapshot of a document.
 
+The decision API is two steps, the same for the edge, the admin API and the tests:
+
+    release = snapshot.match(host, path)        # which release serves this request, or None
+    decision = release.assign(unit_id, email)   # which arm this unit gets there, and why
+
+`match` comes first because the edge answers 404 (and sets no cookie) for an unrouted request
+before it looks for the unit.
+
 Rules of this file:
 * `compile_snapshot` does all the work that does not depend on the request (thresholds as
   integers, salts with their ':' appended, route tables by prefix length), so a decision is a
   few dict lookups and one MurmurHash3.
-* `decide` never raises: a bug or a bad input gives the stable arm with reason ERROR.
+* Inputs are canonical: `host` lower case without port, `unit_id` normalised by
+  `flags.hashing.normalize_unit_id` (the edge does both once per request). For such inputs
+  neither step can raise.
 * Route precedence: routes of the request's exact host first, then `*` routes; within
   either, the longest matching path prefix wins (plain string prefix, as nginx and Envoy).
+* Anonymous requests: the edge never buckets a request on a fresh random number (DESIGN.md
+  §2). A request without a usable unit id is given one first (a random id in a signed
+  cookie, `edge/identity.py`) and is then bucketed like anyone else; `assign(None)` is only
+  reached when no id could be had at all, and gives stable.
 """
 
 from __future__ import annotations
@@ -16,6 +30,7 @@ from typing import Final
 
 from flags.document import STAGE_OFF, Document, Release, effective_percent
 from flags.hashing import POSITION_SPACE, normalize_unit_id, position_with_prefix, threshold
+from flags.rollout import Maintenance
 
 ARM_STABLE: Final = "stable"
 ARM_CANARY: Final = "canary"
@@ -62,16 +77,6 @@ class Decision:
     __hash__ = None  # type: ignore[assignment]  # mutable-looking value object; not a key
 
 
-@dataclass(frozen=True, slots=True)
-class Facts:
-    """What the edge knows about a request, in canonical form."""
-
-    unit_id: str | None
-    host: str = "*"
-    path: str = "/"
-    email: str | None = None
-
-
 class CompiledRelease:
     """A release with everything the request path needs precomputed."""
 
@@ -88,6 +93,7 @@ class CompiledRelease:
         "internal_domains",
         "stable",
         "canary",
+        "maintenance",
     )
 
     def __init__(self, doc: Document, name: str, rel: Release) -> None:
@@ -107,6 +113,13 @@ class CompiledRelease:
         self.internal_domains = frozenset(d.lower() for d in rel.internal.email_domains)
         self.stable = rel.stable
         self.canary = rel.canary
+        # Maintenance (issue #10): the release's own switch, else the document-wide one.
+        if rel.maintenance is not None and rel.maintenance.enabled:
+            self.maintenance: Maintenance | None = rel.maintenance
+        elif doc.maintenance is not None and doc.maintenance.enabled:
+            self.maintenance = doc.maintenance
+        else:
+            self.maintenance = None
 
     def is_internal(self, unit_id: str | None, email: str | None) -> bool:
         if unit_id is not None and unit_id in self.internal_ids:
@@ -125,7 +138,8 @@ class CompiledRelease:
             pos = position_with_prefix(self.salt_prefix, unit_id) if unit_id is not None else -1
             return Decision(ARM_CANARY, self.name, self.cohort, pos, REASON_TARGETING_MATCH)
         if unit_id is None:
-            # Never bucket on a fresh random number (DESIGN.md §2): without an id, stable.
+            # No id at all (the edge assigns a signed cookie id before this; see the module
+            # docstring): never bucket on a fresh random number (DESIGN.md §2), so stable.
             return Decision(ARM_STABLE, self.name, self.cohort, -1, REASON_DEFAULT)
         pos = position_with_prefix(self.salt_prefix, unit_id)
         arm = ARM_CANARY if pos < self.threshold else ARM_STABLE
@@ -197,18 +211,6 @@ def compile_snapshot(doc: Document, *, stale: bool = False, source: str = "store
 EMPTY_SNAPSHOT = compile_snapshot(Document())
 
 
-def decide(snapshot: Snapshot, facts: Facts) -> Decision:
-    """Route a request. Never raises (reason ERROR and the stable arm on any failure)."""
-    try:
-        rel = snapshot.match(facts.host.lower(), facts.path)
-        if rel is None:
-            return Decision(ARM_STABLE, None, "", -1, REASON_DEFAULT)
-        unit = normalize_unit_id(facts.unit_id) if facts.unit_id is not None else None
-        return rel.assign(unit, facts.email)
-    except Exception:  # noqa: BLE001 - the contract is "never raises"
-        return Decision(ARM_STABLE, None, "", -1, REASON_ERROR)
-
-
 def explain(
     snapshot: Snapshot, release: str, unit_id: str, email: str | None = None
 ) -> dict[str, object]:
@@ -223,7 +225,14 @@ def explain(
         else:
             why = "stage is off; everyone goes to stable"
     elif decision.reason == REASON_TARGETING_MATCH:
-        why = "unit is on the internal allow-list; internal users always get the canary"
+        if unit in rel.internal_ids:
+            why = "unit is on the internal allow-list; internal users always get the canary"
+        else:
+            domain = (email or "").rpartition("@")[2].strip().lower()
+            why = (
+                f"e-mail domain {domain} is an internal domain; "
+                "internal users always get the canary"
+            )
     elif decision.reason == REASON_SPLIT:
         cmp = "<" if decision.arm == ARM_CANARY else ">="
         why = (
@@ -245,4 +254,6 @@ def explain(
         "reason": decision.reason,
         "explanation": why,
         "version": snapshot.version,
+        # The guard's figures when it rolled the release back by itself (issue #10).
+        "rollback": doc_rel.rollback.model_dump(mode="json") if doc_rel.rollback else None,
     }

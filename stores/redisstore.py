@@ -257,6 +257,11 @@ class RedisStore:
         parts = urlsplit(url)
         return cls(client, description=f"{scheme}://{parts.hostname}:{parts.port}", **common)
 
+    @property
+    def client(self) -> aioredis.Redis:
+        """The connection pool, shared with the fleet statistics (stores/fleetstats.py)."""
+        return self._client
+
     # -- helpers -----------------------------------------------------------------------------
 
     def rev_key(self, version: int) -> str:

@@ -7,15 +7,25 @@ environment.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
+)
+
+from flags.errors import ConfigError
+
+MAX_WORKERS = 256  # far above any core count we run on; a typo like 4000 is refused
+
+EDGE_SERVER_REMOVED = (
+    "edge_server was removed: the edge always runs its own HTTP server; "
+    "use workers: N for more cores"
 )
 
 
@@ -30,15 +40,18 @@ class Settings(BaseSettings):
     admin_host: str = "127.0.0.1"
     admin_port: int = Field(default=8081, ge=0, le=65535)
     admin_token: SecretStr | None = None
-    # The edge's HTTP/1.1 server: "turnout" (edge/frontend.py, no ASGI) or "uvicorn" (the
-    # same pipeline behind the ASGI adapter, uvicorn's httptools protocol).
-    edge_server: Literal["turnout", "uvicorn"] = "turnout"
+    # Removed (issue #9): kept only so that setting it fails at start-up with a message
+    # naming the replacement instead of being ignored (environment) or refused unexplained.
+    edge_server: str | None = Field(default=None, exclude=True)
     # Client-side deadlines of the edge (HARDENING §2.7): an idle keep-alive connection is
     # closed; a request head must be complete this long after its first byte (else 408); a
     # request body or a full send buffer may stall this long (else 408 / abort).
     client_keepalive_timeout_s: float = Field(default=5.0, gt=0, le=3600)
     client_header_timeout_s: float = Field(default=10.0, gt=0, le=3600)
     client_idle_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    # Edge processes sharing the edge port (SO_REUSEPORT), as nginx's `worker_processes`:
+    # a number, or "auto" for one per core. 1 runs the edge inside the main process.
+    workers: int | Literal["auto"] = 1
 
     # Where this instance keeps its own files: the embedded store (unless `store` says
     # otherwise), the bootstrap copy, and generated secrets (admin token, cookie secret).
@@ -85,7 +98,53 @@ class Settings(BaseSettings):
     upstream_max_connections: int = Field(default=512, ge=1)
     max_request_body_bytes: int = Field(default=100 * 1024 * 1024, ge=0)
 
+    # Guarded delivery (issue #10): the guard judges every `guard_interval_s`; webhooks get a
+    # JSON POST per rollback, phase advance, hold and approval request, signed with
+    # HMAC-SHA256 of `webhook_secret` (header X-Turnout-Signature: sha256=<hex>).
+    guard_enabled: bool = True
+    guard_interval_s: float = Field(default=1.0, ge=0.1, le=60)
+    instance_id: str | None = Field(default=None, max_length=64)
+    webhook_urls: list[str] = Field(default_factory=list, max_length=20)
+    webhook_secret: SecretStr | None = None
+    webhook_timeout_s: float = Field(default=2.0, gt=0, le=30)
+    webhook_max_attempts: int = Field(default=5, ge=1, le=20)
+    webhook_deadline_s: float = Field(default=60.0, gt=0, le=3600)
+    # After a rollback, the release's open canary WebSocket tunnels are closed with 1012
+    # ("service restart": reconnect) after this grace; their new upgrades go to stable.
+    websocket_rollback_grace_s: float = Field(default=5.0, ge=0, le=3600)
+
     log_level: str = "info"
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> int | str:
+        # One line naming the setting, whatever the source (YAML, TURNOUT_WORKERS, --workers).
+        if isinstance(value, str):
+            value = value.strip().lower()
+            if value == "auto":
+                return "auto"
+            if not value.isdigit():
+                raise ValueError(f'must be a whole number from 1 to {MAX_WORKERS} or "auto"')
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+            raise ValueError(f'must be a whole number from 1 to {MAX_WORKERS} or "auto"')
+        return int(value)
+
+    @property
+    def worker_count(self) -> int:
+        """`workers` resolved: "auto" is the number of cores this process may run on."""
+        if self.workers == "auto":
+            return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+        return self.workers
+
+    @field_validator("edge_server")
+    @classmethod
+    def _removed_edge_server(cls, value: str | None) -> None:
+        if value is not None:
+            # ConfigError, not ValueError: pydantic passes it through unwrapped, so the
+            # operator reads one line instead of a validation report.
+            raise ConfigError("", EDGE_SERVER_REMOVED)
+        return None
 
     @field_validator("unit_header", "email_header", "unit_cookie")
     @classmethod
@@ -95,10 +154,27 @@ class Settings(BaseSettings):
             raise ValueError("must be a header/cookie name token")
         return value
 
+    @field_validator("webhook_urls")
+    @classmethod
+    def _webhook_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not url.startswith(("http://", "https://")) or len(url) > 2048:
+                raise ValueError(f"webhook URLs must be http:// or https:// URLs, got {url!r}")
+        return urls
+
+    @model_validator(mode="after")
+    def _webhook_secret(self) -> Settings:
+        # Receivers must be able to tell our events from forgeries (issue #10: signed).
+        if self.webhook_urls and (
+            self.webhook_secret is None or not self.webhook_secret.get_secret_value()
+        ):
+            raise ValueError("webhook_secret is required when webhook_urls are set")
+        return self
+
     @field_validator("unit_header", "email_header")
     @classmethod
     def _lower(cls, value: str) -> str:
-        return value.lower()  # ASGI header names arrive lower-cased
+        return value.lower()  # the front-end lower-cases header names (edge/frontend.py)
 
     @classmethod
     def settings_customise_sources(

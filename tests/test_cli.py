@@ -376,3 +376,27 @@ def test_store_reseed_repairs_a_pointer_that_went_backwards(
     assert server.document().releases["web"].stage == "open"
     assert turnout(server, "store", "reseed") == EXIT_OK
     assert "nothing to do" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("source", ["file", "environment"])
+def test_serve_with_the_removed_edge_server_setting_fails_in_one_line(
+    source: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`edge_server` (in the settings file or as TURNOUT_EDGE_SERVER) stops `turnout serve`
+    before anything starts, with one line naming the replacement (workers: N)."""
+    args = ["serve"]
+    if source == "file":
+        config = tmp_path / "turnout.yaml"
+        config.write_text(f"edge_server: uvicorn\nstate_dir: {tmp_path / 'state'}\n")
+        args += ["--config", str(config)]
+    else:
+        monkeypatch.setenv("TURNOUT_EDGE_SERVER", "turnout")
+        monkeypatch.setenv("TURNOUT_STATE_DIR", str(tmp_path / "state"))
+    assert main(args) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert "edge_server was removed" in err and "use workers: N" in err
+    assert not (tmp_path / "state").exists()  # nothing was started or written

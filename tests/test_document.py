@@ -19,8 +19,9 @@ from flags.document import (
     load_document,
 )
 from flags.errors import ConfigError
-from flags.evaluate import REASON_TARGETING_MATCH, Facts, compile_snapshot, decide
+from flags.evaluate import REASON_TARGETING_MATCH, compile_snapshot
 from flags.hashing import normalize_unit_id
+from tests.routing import route
 
 PROPERTIES = settings(max_examples=200, deadline=None, database=None)
 
@@ -556,5 +557,5 @@ def test_nfd_allow_list_entry_is_refused_or_matches() -> None:
     except ConfigError as exc:
         assert exc.field == "releases.web.internal.unit_ids.0"
         return
-    decision = decide(compile_snapshot(doc), Facts(unit_id="Jos\u00e9"))
+    decision = route(compile_snapshot(doc), unit_id="Jos\u00e9")
     assert decision.reason == REASON_TARGETING_MATCH

@@ -1,5 +1,5 @@
-"""End-to-end behaviour of the edge on loopback: real upstream servers, a real Turnout on each
-edge server (its own HTTP/1.1 server and uvicorn over the ASGI adapter)."""
+"""End-to-end behaviour of the edge on loopback: real upstream servers, a real Turnout on its
+own HTTP/1.1 server."""
 
 from __future__ import annotations
 
@@ -70,17 +70,15 @@ def up() -> Any:
         yield servers
 
 
-@pytest.fixture(params=["turnout", "uvicorn"])
-def inst(up: Any, tmp_path: Path, request: Any) -> Any:
-    """A Turnout instance on each edge server: its own (the default) and uvicorn over ASGI."""
+@pytest.fixture
+def inst(up: Any, tmp_path: Path) -> Any:
+    """A Turnout instance with decision headers exposed and alice in the internal cohort."""
     seed = release_doc(
         up["stable"].url,
         up["canary"].url,
         internal={"unit_ids": ["alice"], "email_domains": ["corp.example"]},
     )
-    instance = TurnoutInstance(
-        tmp_path / "state", seed=seed, expose_decision_headers=True, edge_server=request.param
-    ).start()
+    instance = TurnoutInstance(tmp_path / "state", seed=seed, expose_decision_headers=True).start()
     yield instance
     instance.stop()
 

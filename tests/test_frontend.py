@@ -1,7 +1,7 @@
 """The edge's own HTTP/1.1 front-end (edge/frontend.py) on real sockets: limits, refusals,
 deadlines, keep-alive, pipelining, 100-continue, upgrades, streaming, half-close and shutdown
-(HARDENING.md §2.7, §2.9-§2.11, table (a) rows 29-38). Framing cases that uvicorn also gets
-right run against both `edge_server` choices.
+(HARDENING.md §2.7, §2.9-§2.11, table (a) rows 29-38). It is the only server on the data
+plane (issue #9).
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from tests.harness import (
 pytestmark = pytest.mark.timeout(120)
 
 MiB = 1024 * 1024
-BOTH = ["turnout", "uvicorn"]
 
 
 @dataclass
@@ -205,36 +204,27 @@ def start(
 
 
 @pytest.fixture
-def edge(request: pytest.FixtureRequest, start: Callable[..., TurnoutInstance]) -> TurnoutInstance:
-    """An instance with the `edge_server` given by indirect parametrization (default: turnout)."""
-    return start(edge_server=getattr(request, "param", "turnout"))
+def edge(start: Callable[..., TurnoutInstance]) -> TurnoutInstance:
+    """An instance with the default settings."""
+    return start()
 
 
 # -- limits and the request line: rows 29, 30, 37 -------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("edge", "request_bytes", "status"),
+    ("request_bytes", "status"),
     [
-        pytest.param("turnout", req("/" + "a" * 17_000), 414, id="17k-target"),
-        pytest.param("turnout", req("/" + "a" * 70_000), 414, id="70k-target"),
-        pytest.param("turnout", req("/", "X-Big: " + "b" * 200 * 1024), 431, id="200KiB-header"),
-        pytest.param(
-            "turnout", req("/", *(f"X-H{i}: v" for i in range(2000))), 431, id="2000-headers"
-        ),
-        pytest.param("turnout", b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505, id="turnout-http2"),
-        pytest.param("turnout", b"GET /\r\n\r\n", 400, id="turnout-http0.9"),
-        pytest.param("turnout", req("/a?b#c"), 400, id="fragment-in-query"),
-        *(
-            pytest.param(server, data, 400, id=f"{server}-{name}")
-            for server in BOTH
-            for name, data in (
-                ("http1.32", b"GET / HTTP/1.32\r\nHost: a\r\n\r\n"),
-                ("lower-case-method", b"get / HTTP/1.1\r\nHost: a\r\n\r\n"),
-            )
-        ),
+        pytest.param(req("/" + "a" * 17_000), 414, id="17k-target"),
+        pytest.param(req("/" + "a" * 70_000), 414, id="70k-target"),
+        pytest.param(req("/", "X-Big: " + "b" * 200 * 1024), 431, id="200KiB-header"),
+        pytest.param(req("/", *(f"X-H{i}: v" for i in range(2000))), 431, id="2000-headers"),
+        pytest.param(b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505, id="http2"),
+        pytest.param(b"GET /\r\n\r\n", 400, id="http0.9"),
+        pytest.param(req("/a?b#c"), 400, id="fragment-in-query"),
+        pytest.param(b"GET / HTTP/1.32\r\nHost: a\r\n\r\n", 400, id="http1.32"),
+        pytest.param(b"get / HTTP/1.1\r\nHost: a\r\n\r\n", 400, id="lower-case-method"),
     ],
-    indirect=["edge"],
 )
 def test_refused_request_is_answered_closed_and_reaches_no_upstream(
     edge: TurnoutInstance, up: dict[str, ThreadedServer], request_bytes: bytes, status: int
@@ -284,7 +274,6 @@ def test_valid_request_then_garbage_gets_200_then_400_and_close(edge: TurnoutIns
         assert c.closed()
 
 
-@pytest.mark.parametrize("edge", BOTH, indirect=True)
 def test_three_pipelined_requests_are_answered_in_order(edge: TurnoutInstance) -> None:
     """Three requests in one segment get three responses in order; the last asked to close."""
     with Client(edge.edge_port) as c:
@@ -393,7 +382,6 @@ def test_client_that_stops_reading_is_cut_off_and_the_upstream_freed(
 # -- keep-alive and HTTP/1.0: §2.10 ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("edge", BOTH, indirect=True)
 def test_keepalive_serves_sequential_requests_and_http10_closes(edge: TurnoutInstance) -> None:
     """Two requests one after the other on one connection are both answered; HTTP/1.0 without keep-alive closes."""
     with Client(edge.edge_port) as c:
@@ -513,7 +501,6 @@ def test_websocket_frame_sent_with_the_handshake_is_relayed(edge: TurnoutInstanc
 # -- streaming: §2.10 -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("edge", BOTH, indirect=True)
 def test_streamed_response_is_chunked_and_head_has_no_body(edge: TurnoutInstance) -> None:
     """A streamed upstream body reaches an HTTP/1.1 client chunked and whole; HEAD of it sends no body bytes."""
     total = 300_001
@@ -569,3 +556,48 @@ def test_graceful_shutdown_finishes_in_flight_and_closes_idle(
     assert not stopper.is_alive()
     with pytest.raises(OSError):
         socket.create_connection((LOOPBACK, inst.edge_port), timeout=2).close()
+
+
+# -- memory of idle connections ---------------------------------------------------------------------
+
+
+def test_idle_connections_give_back_their_parser_and_keep_working(
+    start: Callable[..., TurnoutInstance], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above PARSER_RELEASE_CONNECTIONS open connections an idle keep-alive connection drops its
+    parser between requests; its next requests (one at a time, then pipelined with a body) are
+    parsed by a fresh one and answered in order."""
+    import edge.frontend
+
+    monkeypatch.setattr(edge.frontend, "PARSER_RELEASE_CONNECTIONS", 0)
+    inst = start()
+    server = inst.context["servers"][0]
+    with Client(inst.edge_port) as client:
+        for n in range(3):
+            client.send(req(f"/seq{n}"))
+            response = client.response()
+            assert response.status == 200 and response.json()["path"] == f"/seq{n}"
+            (conn,) = server.connections
+            assert wait_until(lambda conn=conn: conn.parser is None, 5)
+        client.send(req("/a") + req("/b", "Content-Length: 3", method="POST")[:-4] + b"\r\n\r\nxyz")
+        first, second = client.response(), client.response()
+        assert (first.status, first.json()["path"]) == (200, "/a")
+        assert (second.status, second.json()["path"], second.json()["body_length"]) == (
+            200,
+            "/b",
+            3,
+        )
+
+
+def test_parsers_are_kept_below_the_release_threshold(edge: TurnoutInstance) -> None:
+    """With few connections (the default threshold), a keep-alive connection keeps its parser
+    between requests: nothing is rebuilt per request."""
+    server = edge.context["servers"][0]
+    with Client(edge.edge_port) as client:
+        client.send(req("/one"))
+        assert client.response().status == 200
+        (conn,) = server.connections
+        parser = conn.parser
+        client.send(req("/two"))
+        assert client.response().status == 200
+        assert conn.parser is parser

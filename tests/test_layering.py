@@ -42,7 +42,8 @@ CORE_ALLOWED = frozenset(
 # The other layers name what they may not import (rule 2).
 FORBIDDEN: dict[str, frozenset[str]] = {
     "stores": frozenset({"edge", "admin", "turnout"}),
-    "edge": frozenset({"admin", "turnout"}),
+    # One HTTP server on the data plane (issue #9): no uvicorn, no Starlette on the edge.
+    "edge": frozenset({"admin", "turnout", "uvicorn", "starlette"}),
     "admin": frozenset({"edge", "turnout"}),
 }
 REDIS_ALLOWED = frozenset({"stores/redisstore.py", "stores/ratesync.py"})

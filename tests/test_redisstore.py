@@ -15,7 +15,6 @@ import pytest
 from flags.changes import put_release, rollback, set_stage
 from flags.document import Document, load_document
 from flags.errors import StoreError, StoreUnavailable, VersionConflict, VersionNotFound
-from flags.evaluate import Facts, decide
 from flags.store import Revision, VersionInfo
 from stores.factory import make_store
 from stores.filestore import FileStore
@@ -23,6 +22,7 @@ from stores.redisstore import RedisStore, parse_sentinel_url
 from stores.revision import checksum, encode_revision
 from stores.watch import ConfigWatcher, decode_bootstrap
 from tests.redisproc import BlackholeProxy, free_port, redis_server, sentinel_cluster
+from tests.routing import route
 
 PREFIX = "turnout"
 WAIT_S = 5.0
@@ -296,7 +296,7 @@ def test_kill9_keeps_lkg_and_reconnects(tmp_path: Path) -> None:
                 srv.kill9()
                 await eventually(lambda: not watcher.connected, "watcher disconnected")
                 assert watcher.snapshot is before and watcher.stale
-                decision = decide(watcher.snapshot, Facts(host="a", path="/", unit_id="u1"))
+                decision = route(watcher.snapshot, host="a", path="/", unit_id="u1")
                 assert decision.release == "web"
                 with pytest.raises(StoreUnavailable):
                     await writer.commit(make_doc("ga"), expected_version=1, actor="t", summary="x")
@@ -495,7 +495,7 @@ def test_client_pause_does_not_touch_the_request_path(tmp_path: Path) -> None:
                 hung = asyncio.create_task(watcher.sync())
                 for _ in range(20):
                     assert watcher.snapshot is snapshot
-                    decision = decide(watcher.snapshot, Facts(host="h", path="/x", unit_id="u"))
+                    decision = route(watcher.snapshot, host="h", path="/x", unit_id="u")
                     assert decision.release == "web"
                     await asyncio.sleep(0.01)
                 with pytest.raises((StoreError, TimeoutError)):

@@ -13,16 +13,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge.upstream import (
-    HIGH_WATER,
-    Timeouts,
-    UpstreamConnectError,
+from edge.errors import (
+    ClosedBeforeResponse,
+    ConnectError,
+    ConnectTimeout,
+    PoolTimeout,
+    ProtocolError,
+    ReadTimeout,
+    ResponseAborted,
     UpstreamError,
-    UpstreamPool,
-    UpstreamProtocolError,
-    UpstreamResponse,
     UpstreamTimeout,
+    WriteTimeout,
 )
+from edge.upstream import HIGH_WATER, Timeouts, UpstreamPool, UpstreamResponse
 from tests.rawserver import RawConn, RawServer, always, replies
 
 pytestmark = pytest.mark.timeout(30)
@@ -278,9 +281,9 @@ def test_invalid_status_or_head_is_protocol_error(response: bytes) -> None:
     async def main() -> None:
         async with RawServer(by_conn(once(response), always(REAL))) as srv:
             pool = UpstreamPool("127.0.0.1", srv.port)
-            with pytest.raises(UpstreamProtocolError) as ei:
+            with pytest.raises(ProtocolError) as ei:
                 await pool.request(GET)
-            assert ei.value.phase == "protocol"
+            assert isinstance(ei.value, ProtocolError), ei.value
             assert (pool.active_count, pool.idle_count) == (0, 0)
             await assert_poison_not_reused(srv, pool)
             await pool.aclose()
@@ -298,7 +301,7 @@ def test_te_and_cl_with_appended_fake_response_is_rejected() -> None:
     async def main() -> None:
         async with RawServer(by_conn(once(smuggle), always(REAL))) as srv:
             pool = UpstreamPool("127.0.0.1", srv.port)
-            with pytest.raises(UpstreamProtocolError):
+            with pytest.raises(ProtocolError):
                 await pool.request(GET)
             await assert_poison_not_reused(srv, pool)
             await pool.aclose()
@@ -342,7 +345,7 @@ def test_bad_response_framing_is_rejected(head: bytes) -> None:
     async def main() -> None:
         async with RawServer(by_conn(once(response), always(REAL))) as srv:
             pool = UpstreamPool("127.0.0.1", srv.port)
-            with pytest.raises(UpstreamProtocolError):
+            with pytest.raises(ProtocolError):
                 resp = await pool.request(GET)
                 resp.abort()
             await assert_poison_not_reused(srv, pool)
@@ -465,7 +468,7 @@ def test_oversized_response_head_is_rejected() -> None:
     async def main() -> None:
         async with RawServer(handler) as srv:
             pool = UpstreamPool("127.0.0.1", srv.port)
-            with pytest.raises(UpstreamProtocolError):
+            with pytest.raises(ProtocolError):
                 await pool.request(GET)
             assert pool.active_count == 0
             await pool.aclose()
@@ -631,7 +634,7 @@ def test_chunked_flag_with_bytes_body_frames_it() -> None:
 
 
 def test_write_timeout_when_upstream_stops_reading() -> None:
-    """A streamed body to an upstream that stops reading -> UpstreamTimeout(phase='write')."""
+    """A streamed body to an upstream that stops reading -> WriteTimeout."""
 
     async def handler(conn: RawConn) -> None:
         await conn.read_request()
@@ -652,7 +655,7 @@ def test_write_timeout_when_upstream_stops_reading() -> None:
             await fetch(pool)
             with pytest.raises(UpstreamTimeout) as ei:
                 await pool.request(post(4096 * 65536), body=gen())
-            assert ei.value.phase == "write"
+            assert isinstance(ei.value, WriteTimeout), ei.value
             assert (pool.active_count, pool.idle_count) == (0, 0)
             await pool.aclose()
 
@@ -704,7 +707,7 @@ def test_large_streamed_request_body_respects_write_flow_control() -> None:
 
 
 def test_connect_refused() -> None:
-    """Nothing listening -> UpstreamConnectError(phase='connect'), slot freed."""
+    """Nothing listening -> ConnectError, slot freed."""
 
     async def main() -> None:
         s = socket.socket()
@@ -712,9 +715,9 @@ def test_connect_refused() -> None:
         port = s.getsockname()[1]
         s.close()
         pool = UpstreamPool("127.0.0.1", port)
-        with pytest.raises(UpstreamConnectError) as ei:
+        with pytest.raises(ConnectError) as ei:
             await pool.request(GET)
-        assert ei.value.phase == "connect"
+        assert isinstance(ei.value, ConnectError), ei.value
         assert pool.active_count == 0
         await pool.aclose()
 
@@ -744,7 +747,7 @@ def close_all(*socks: socket.socket) -> None:
 
 
 def test_connect_timeout() -> None:
-    """A listener with a full accept queue drops SYNs -> UpstreamTimeout(phase='connect')."""
+    """A listener with a full accept queue drops SYNs -> ConnectTimeout."""
 
     async def main() -> None:
         ls, fill = saturated_listener()
@@ -754,7 +757,7 @@ def test_connect_timeout() -> None:
         try:
             with pytest.raises(UpstreamTimeout) as ei:
                 await pool.request(GET)
-            assert ei.value.phase == "connect"
+            assert isinstance(ei.value, ConnectTimeout), ei.value
             assert pool.active_count == 0
         finally:
             await pool.aclose()
@@ -764,7 +767,7 @@ def test_connect_timeout() -> None:
 
 
 def test_close_before_response_on_fresh_connection() -> None:
-    """A fresh connection closed before any response byte -> UpstreamConnectError, no retry."""
+    """A fresh connection closed before any response byte -> ConnectError, no retry."""
 
     async def handler(conn: RawConn) -> None:
         await conn.read_request()
@@ -772,7 +775,7 @@ def test_close_before_response_on_fresh_connection() -> None:
     async def main() -> None:
         async with RawServer(handler) as srv:
             pool = UpstreamPool("127.0.0.1", srv.port)
-            with pytest.raises(UpstreamConnectError):
+            with pytest.raises(ClosedBeforeResponse):
                 await pool.request(GET)
             assert srv.connections == 1 and pool.active_count == 0
             await pool.aclose()
@@ -781,7 +784,7 @@ def test_close_before_response_on_fresh_connection() -> None:
 
 
 def test_reset_before_response_is_connect_error() -> None:
-    """A reset before any response byte -> UpstreamConnectError."""
+    """A reset before any response byte -> ConnectError."""
 
     async def handler(conn: RawConn) -> None:
         await conn.read_request()
@@ -790,7 +793,7 @@ def test_reset_before_response_is_connect_error() -> None:
     async def main() -> None:
         async with RawServer(handler) as srv:
             pool = UpstreamPool("127.0.0.1", srv.port)
-            with pytest.raises(UpstreamConnectError):
+            with pytest.raises(ClosedBeforeResponse):
                 await pool.request(GET)
             assert pool.active_count == 0
             await pool.aclose()
@@ -799,7 +802,7 @@ def test_reset_before_response_is_connect_error() -> None:
 
 
 def test_close_inside_head_is_protocol_error() -> None:
-    """A close after part of the head -> UpstreamProtocolError (response bytes arrived)."""
+    """A close after part of the head -> ProtocolError (response bytes arrived)."""
 
     async def handler(conn: RawConn) -> None:
         await conn.read_request()
@@ -808,7 +811,7 @@ def test_close_inside_head_is_protocol_error() -> None:
     async def main() -> None:
         async with RawServer(handler) as srv:
             pool = UpstreamPool("127.0.0.1", srv.port)
-            with pytest.raises(UpstreamProtocolError):
+            with pytest.raises(ProtocolError):
                 await pool.request(GET)
             assert pool.active_count == 0
             await pool.aclose()
@@ -818,7 +821,7 @@ def test_close_inside_head_is_protocol_error() -> None:
 
 @pytest.mark.parametrize("reset", [False, True], ids=["fin", "rst"])
 def test_close_mid_body_raises_on_read(reset: bool) -> None:
-    """The upstream closing/resetting mid-body makes read() raise UpstreamProtocolError."""
+    """The upstream closing/resetting mid-body makes read() raise ProtocolError."""
 
     async def handler(conn: RawConn) -> None:
         await conn.read_request()
@@ -833,7 +836,7 @@ def test_close_mid_body_raises_on_read(reset: bool) -> None:
             pool = UpstreamPool("127.0.0.1", srv.port)
             resp = await pool.request(GET)
             assert resp.body_length == 100
-            with pytest.raises(UpstreamProtocolError):
+            with pytest.raises(ProtocolError):
                 await read_all(resp)
             resp.release()
             assert (pool.active_count, pool.idle_count) == (0, 0)
@@ -853,7 +856,7 @@ def test_chunked_body_truncated_raises() -> None:
         async with RawServer(handler) as srv:
             pool = UpstreamPool("127.0.0.1", srv.port)
             resp = await pool.request(GET)
-            with pytest.raises(UpstreamProtocolError):
+            with pytest.raises(ProtocolError):
                 await read_all(resp)
             resp.abort()
             assert pool.active_count == 0
@@ -890,13 +893,13 @@ def test_stale_pooled_connection_retried_for_idempotent() -> None:
 
 
 def test_stale_pooled_connection_not_retried_for_non_idempotent() -> None:
-    """A non-idempotent request that was written is not retried: UpstreamConnectError."""
+    """A non-idempotent request that was written is not retried: ConnectError."""
 
     async def main() -> None:
         async with RawServer(by_conn(stale_after_first, always(REAL))) as srv:
             pool = UpstreamPool("127.0.0.1", srv.port)
             await fetch(pool)
-            with pytest.raises(UpstreamConnectError):
+            with pytest.raises(ConnectError):
                 await pool.request(post(3), body=b"abc", idempotent=False)
             assert srv.connections == 1 and pool.active_count == 0
             await pool.aclose()
@@ -914,7 +917,7 @@ def test_stale_pooled_connection_not_retried_for_streamed_body() -> None:
         async with RawServer(by_conn(stale_after_first, always(REAL))) as srv:
             pool = UpstreamPool("127.0.0.1", srv.port)
             await fetch(pool)
-            with pytest.raises(UpstreamConnectError):
+            with pytest.raises(ConnectError):
                 await pool.request(post(3), body=gen(), idempotent=True)
             assert srv.connections == 1 and pool.active_count == 0
             await pool.aclose()
@@ -964,7 +967,7 @@ def test_upstream_closing_idle_connection_is_detected() -> None:
 
 
 def test_read_timeout_before_head() -> None:
-    """A server that never answers -> UpstreamTimeout(phase='read'), connection closed."""
+    """A server that never answers -> ReadTimeout, connection closed."""
 
     async def handler(conn: RawConn) -> None:
         await conn.read_request()
@@ -975,7 +978,7 @@ def test_read_timeout_before_head() -> None:
             pool = UpstreamPool("127.0.0.1", srv.port, timeouts=Timeouts(read_s=0.1))
             with pytest.raises(UpstreamTimeout) as ei:
                 await pool.request(GET)
-            assert ei.value.phase == "read"
+            assert isinstance(ei.value, ReadTimeout), ei.value
             assert (pool.active_count, pool.idle_count) == (0, 0)
             await pool.aclose()
 
@@ -983,7 +986,7 @@ def test_read_timeout_before_head() -> None:
 
 
 def test_stall_mid_body_times_out() -> None:
-    """Body bytes that stop coming -> read() raises UpstreamTimeout(phase='read')."""
+    """Body bytes that stop coming -> read() raises ReadTimeout."""
 
     async def handler(conn: RawConn) -> None:
         await conn.read_request()
@@ -998,7 +1001,7 @@ def test_stall_mid_body_times_out() -> None:
             assert await resp.read() == b"01234"
             with pytest.raises(UpstreamTimeout) as ei:
                 await resp.read()
-            assert ei.value.phase == "read"
+            assert isinstance(ei.value, ReadTimeout), ei.value
             resp.release()
             assert pool.active_count == 0
             await pool.aclose()
@@ -1024,7 +1027,7 @@ def test_slow_consumer_does_not_trip_read_timeout() -> None:
 
 
 def test_pool_timeout_when_full() -> None:
-    """max_connections=1 held by one response -> the next request gets UpstreamTimeout('pool')."""
+    """max_connections=1 held by one response -> the next request gets PoolTimeout."""
 
     async def main() -> None:
         async with RawServer(always(OK)) as srv:
@@ -1034,7 +1037,7 @@ def test_pool_timeout_when_full() -> None:
             held = await pool.request(GET)
             with pytest.raises(UpstreamTimeout) as ei:
                 await pool.request(GET)
-            assert ei.value.phase == "pool"
+            assert isinstance(ei.value, PoolTimeout), ei.value
             assert pool.waiting_count == 0
             held.release()
             resp, body = await fetch(pool)
@@ -1292,7 +1295,7 @@ def test_abort_from_another_task_wakes_pending_read() -> None:
             resp.abort()
             with pytest.raises(UpstreamError) as ei:
                 await reader
-            assert ei.value.phase == "read"
+            assert isinstance(ei.value, ResponseAborted), ei.value
             with pytest.raises(UpstreamError):
                 await resp.read()
             assert (pool.active_count, pool.idle_count) == (0, 0)
@@ -1349,7 +1352,7 @@ def test_release_before_body_complete_closes() -> None:
 
 
 def test_aclose_fails_later_requests() -> None:
-    """After aclose() idle connections are closed and new requests raise (phase 'pool')."""
+    """After aclose() idle connections are closed and new requests raise (ConnectError)."""
 
     async def main() -> None:
         async with RawServer(always(OK)) as srv:
@@ -1357,9 +1360,9 @@ def test_aclose_fails_later_requests() -> None:
             await fetch(pool)
             await pool.aclose()
             assert pool.idle_count == 0
-            with pytest.raises(UpstreamConnectError) as ei:
+            with pytest.raises(ConnectError) as ei:
                 await pool.request(GET)
-            assert ei.value.phase == "pool"
+            assert isinstance(ei.value, ConnectError), ei.value
 
     run(main)
 
@@ -1420,7 +1423,7 @@ def test_works_under_uvloop() -> None:
             await pool.aclose()
         async with RawServer(by_conn(once(smuggle), always(REAL))) as srv:
             pool = UpstreamPool("127.0.0.1", srv.port)
-            with pytest.raises(UpstreamProtocolError):
+            with pytest.raises(ProtocolError):
                 await pool.request(GET)
             await assert_poison_not_reused(srv, pool)
             await pool.aclose()

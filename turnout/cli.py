@@ -348,6 +348,15 @@ def cmd_get(client: AdminClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def describe_invalid(exc: Any) -> str:
+    """A pydantic ValidationError as one line: `field: reason; field: reason`."""
+    parts = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "settings"
+        parts.append(f"{field}: {str(error['msg']).removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -356,9 +365,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.config is not None and not Path(args.config).is_file():
         raise UsageError(f"no such settings file: {args.config}")
+    overrides: dict[str, Any] = {}
+    if args.workers is not None:
+        overrides["workers"] = args.workers
     try:
-        settings = load_settings(args.config)
+        settings = load_settings(args.config, **overrides)
     except ValidationError as exc:
+        raise UsageError(f"invalid settings: {describe_invalid(exc)}") from None
+    except ConfigError as exc:  # a removed setting names its replacement in one line
         raise UsageError(f"invalid settings: {exc}") from None
     # Imported by name at run time: the CLI's other commands (and its type check) must not
     # depend on the data plane's modules.
@@ -428,6 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the edge and admin listeners")
     serve.add_argument("--config", metavar="FILE", help="YAML settings file")
+    serve.add_argument(
+        "--workers",
+        metavar="N",
+        help='edge processes sharing the edge port (a number or "auto"; overrides `workers`)',
+    )
     serve.set_defaults(run=cmd_serve)
 
     demo = commands.add_parser("demo", help="run a self-contained demo with two backends")
@@ -504,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument(
         "--version", type=_version_number, metavar="N", help="an older version instead"
     )
+    from turnout.cli_rollout import register  # issue #10: plan, maintenance, status RELEASE
+
+    register(commands, client_command)
     return parser
 
 

@@ -1,7 +1,7 @@
 """The composition root: settings -> store -> watcher -> edge + admin, on one event loop.
 
-`serve()` runs the edge listener (edge/frontend.py, or uvicorn over ASGI) and the admin listener
-(Starlette) side by side; `run()` is the blocking entry point for `turnout serve`.
+`serve()` runs the edge listener (edge/frontend.py, the edge's own HTTP/1.1 server) and the
+admin listener (Starlette on uvicorn) side by side; `run()` is the blocking entry point for `turnout serve`.
 """
 
 from __future__ import annotations
@@ -20,12 +20,15 @@ from prometheus_client import CollectorRegistry
 
 from edge.app import Edge
 from edge.frontend import EdgeServer
-from edge.httpserver import TurnoutHttpProtocol
+from edge.guardian import Guardian
 from flags.document import load_document
 from flags.errors import ConfigError
 from flags.store import Store
+from stores.events import EventBus
+from stores.fleetstats import fleet_stats_for
 from stores.settings import Settings
 from stores.watch import ConfigWatcher
+from stores.webhooks import Notifier
 
 log = logging.getLogger("turnout.server")
 
@@ -78,30 +81,8 @@ async def seed_store(store: Store, settings: Settings) -> None:
         )
 
 
-def edge_config(app: Any, settings: Settings) -> uvicorn.Config:
-    return uvicorn.Config(
-        app,
-        host=settings.edge_host,
-        port=settings.edge_port,
-        loop="none",
-        http=TurnoutHttpProtocol,  # httptools, one write per small response
-        ws="websockets-sansio",
-        lifespan="off",
-        proxy_headers=False,  # X-Forwarded-* are computed by the pipeline (HARDENING §2.3)
-        server_header=False,
-        date_header=False,
-        access_log=False,
-        log_level=settings.log_level,
-        timeout_keep_alive=max(1, round(settings.client_keepalive_timeout_s)),
-        timeout_graceful_shutdown=10,
-        backlog=4096,
-    )
-
-
-def edge_server(edge: Edge, settings: Settings) -> EdgeServer | uvicorn.Server:
-    """The edge listener: Turnout's own HTTP/1.1 server, or uvicorn over the ASGI adapter."""
-    if settings.edge_server == "uvicorn":
-        return _Server(edge_config(edge.app, settings))
+def edge_server(edge: Edge, settings: Settings) -> EdgeServer:
+    """The edge listener: Turnout's own HTTP/1.1 server (the only one on the data plane)."""
     return EdgeServer(
         edge.pipeline,
         host=settings.edge_host,
@@ -110,7 +91,6 @@ def edge_server(edge: Edge, settings: Settings) -> EdgeServer | uvicorn.Server:
         header_timeout_s=settings.client_header_timeout_s,
         idle_timeout_s=settings.client_idle_timeout_s,
         graceful_timeout_s=10.0,
-        ws_config=edge_config(edge.app, settings),  # WebSocket upgrades go to uvicorn's protocol
     )
 
 
@@ -154,10 +134,30 @@ async def serve(
     await watcher.start()
     registry = CollectorRegistry()
     edge = Edge(settings, watcher, registry)
-    admin_app = create_admin_app(settings, store, watcher, registry)
+    # Guarded delivery (issue #10): the guard judges beside the watcher, never on the
+    # request path; webhooks and the event stream hang off its events.
+    events = EventBus()
+    notifier = Notifier.from_settings(settings)
+    if notifier is not None:
+        events.hooks.append(notifier.notify)
+        notifier.start()
+    guardian = Guardian(
+        store=store,
+        watcher=watcher,
+        metrics=edge.metrics,
+        events=events,
+        fleet=fleet_stats_for(store),
+        instance_id=settings.instance_id,
+        interval_s=settings.guard_interval_s,
+    )
+    if settings.guard_enabled:
+        guardian.start()
+    admin_app = create_admin_app(
+        settings, store, watcher, registry, release_health=guardian.health, events=events
+    )
     servers: list[Any] = [edge_server(edge, settings), _Server(admin_config(admin_app, settings))]
     if context is not None:  # for tests and embedding: the live objects of this instance
-        context.update(store=store, watcher=watcher, edge=edge, servers=servers)
+        context.update(store=store, watcher=watcher, edge=edge, servers=servers, guardian=guardian)
 
     loop = asyncio.get_running_loop()
 
@@ -211,6 +211,9 @@ async def serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(sig)
+        await guardian.stop()
+        if notifier is not None:
+            await notifier.aclose()
         await watcher.stop()
         await edge.aclose()
 
@@ -229,4 +232,9 @@ def run(settings: Settings) -> None:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     install_event_loop_policy()
-    asyncio.run(serve(settings))
+    if settings.worker_count > 1:  # a supervisor and N edge processes (turnout/workers.py)
+        from turnout.workers import supervise
+
+        asyncio.run(supervise(settings))
+        return
+    asyncio.run(serve(settings))  # workers: 1 -> edge and admin in this one process
