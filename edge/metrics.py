@@ -83,6 +83,8 @@ class EdgeMetrics:
             "canary": Histogram(LATENCY_BUCKETS_S),
         }
         self.upstream_errors: dict[tuple[str, str, str], int] = {}
+        # rate limit name -> requests refused with 429 (issue #12)
+        self.rate_limited: dict[str, int] = {}
         self.websockets: dict[tuple[str, str], int] = {}
         # Open WebSocket tunnels by (release, arm), read at scrape time (edge/tunnel.py).
         self.open_tunnels: Callable[[], dict[tuple[str, str], int]] = dict
@@ -136,6 +138,14 @@ class TurnoutCollector(Collector):
         for (release, arm, kind), value in sorted(m.upstream_errors.items()):
             errors.add_metric([release, arm, kind], value)
         yield errors
+        limited = CounterMetricFamily(
+            "turnout_rate_limited",
+            "Requests refused with 429 by a rate limit of the document (issue #12)",
+            labels=["limit"],
+        )
+        for name, value in sorted(m.rate_limited.items()):
+            limited.add_metric([name], value)
+        yield limited
         latency = HistogramMetricFamily(
             "turnout_upstream_latency_seconds",
             "Time to the upstream response head, by arm",

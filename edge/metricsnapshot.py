@@ -53,6 +53,7 @@ def take_snapshot(metrics: EdgeMetrics, watcher: WatcherState) -> Snapshot:
         "requests": [[*key, n] for key, n in metrics.requests.items()],
         "upstream_errors": [[*key, n] for key, n in metrics.upstream_errors.items()],
         "websockets": [[*key, n] for key, n in metrics.websockets.items()],
+        "rate_limited": [[name, n] for name, n in metrics.rate_limited.items()],
         "tunnels_open": [[*key, n] for key, n in metrics.open_tunnels().items()],
         "upstream_latency": {
             arm: [hist.counts, hist.total, hist.n] for arm, hist in metrics.upstream_latency.items()
@@ -92,6 +93,8 @@ def add_snapshot(target: EdgeMetrics, snapshot: Snapshot) -> None:
     for *key, n in snapshot["websockets"]:
         w = (str(key[0]), str(key[1]))
         target.websockets[w] = target.websockets.get(w, 0) + int(n)
+    for name, n in snapshot.get("rate_limited", ()):  # absent from an older worker's
+        target.rate_limited[str(name)] = target.rate_limited.get(str(name), 0) + int(n)
     for arm, data in snapshot["upstream_latency"].items():
         if arm not in target.upstream_latency:
             target.upstream_latency[arm] = Histogram(

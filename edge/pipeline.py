@@ -5,7 +5,8 @@ per-request context (edge/context.py).
                             internal headers; collect identity inputs; route  (HARDENING §2.1-2.6)
     identify                unit id (header > signed cookie > new signed cookie)
     decide                  maintenance holds all but the internal cohort (503, issue #10);
-                            else the route's release assigns the unit an arm -> its target
+                            else the route's release assigns the unit an arm -> its target;
+                            the document's rate limits admit it or answer 429 (issue #12)
     upstream_peer           the target's next upstream, round-robin over its pools
     upstream_request_filter the upstream head, re-framed (never the client's CL/TE) with
                             X-Forwarded-*, Via and X-Turnout-*            (DESIGN.md §5)
@@ -40,11 +41,12 @@ from edge.framing import CHUNKED, MAX_CONTENT_LENGTH_DIGITS, FramingError, reque
 from edge.identity import Identity
 from edge.maintenance import maintenance_answer
 from edge.metrics import EdgeMetrics
+from edge.ratelimit import RateLimiter
 from edge.redirects import LOCATION_FIELDS, relative_location, upstream_origins
 from edge.targets import PoolSet, Target
 from edge.tunnel import Handshake, Tunnel, TunnelRegistry, open_upstream
 from edge.upstream import UpstreamPool, UpstreamResponse
-from flags.evaluate import ARM_CANARY, CompiledRelease, Snapshot
+from flags.evaluate import ARM_CANARY, REASON_TARGETING_MATCH, CompiledRelease, Snapshot
 from flags.rollout import Maintenance
 
 MAX_HEADERS = 100
@@ -151,11 +153,19 @@ class ClientGone(Exception):
 class Reject(Exception):
     """A request refused before anything was sent upstream."""
 
-    def __init__(self, status: int, message: str, *, close: bool = True) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        close: bool = True,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.close = close
+        self.headers = headers  # extra fields of the refusal (429's Retry-After, RateLimit)
 
 
 class Held(Reject):
@@ -296,6 +306,7 @@ class Pipeline:
         self.targets: dict[str, tuple[Target, Target]] = {}
         self._version_header = b"0"
         self._host_cache: dict[bytes, str] = {}
+        self.ratelimiter = RateLimiter()  # the document's rate_limits (issue #12)
 
     # -- configuration -----------------------------------------------------------------------
 
@@ -303,6 +314,7 @@ class Pipeline:
         """Swap in a new snapshot with its targets (one assignment each, same tick).
         Returns pools nobody uses any more, for the caller to close."""
         targets = self.pools.targets(snapshot)
+        self.ratelimiter.apply(snapshot.document.rate_limits)  # unchanged limits keep state
         self.targets = targets
         self.snapshot = snapshot
         self._version_header = str(snapshot.version).encode()
@@ -414,6 +426,23 @@ class Pipeline:
             raise Held(maintenance)
         decision = route.assign(ctx.unit, email)
         target = self.targets[route.name][1 if decision.arm == ARM_CANARY else 0]
+        limiter = self.ratelimiter
+        if limiter.buckets:
+            # Before ctx.target is set, so a 429 is not judged against the arm (issue #10's
+            # windows), like a maintenance hold. `route` keys count per release: the snapshot's
+            # match answers with the release, not the route entry that matched.
+            refusal = limiter.check(
+                target.release,
+                target.arm,
+                target.release,
+                ctx.unit,
+                ctx.client[0] if ctx.client else "unknown",
+                decision.reason == REASON_TARGETING_MATCH,  # the internal cohort
+            )
+            if refusal is not None:
+                name = refusal.bucket.name
+                self.metrics.rate_limited[name] = self.metrics.rate_limited.get(name, 0) + 1
+                raise Reject(429, f"rate limited ({name})", close=False, headers=refusal.headers())
         ctx.target = target
         ctx.release = target.release
         ctx.arm = target.arm
@@ -564,29 +593,33 @@ class Pipeline:
         ctx: RequestContext | None = None,
         *,
         close: bool = False,
+        headers: list[tuple[bytes, bytes]] | None = None,
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """Every answer the edge makes up itself: a short text naming the release and arm
-        once they are known, never cached, with the new unit's cookie if one was minted."""
+        once they are known, never cached, with the new unit's cookie if one was minted;
+        `headers` are the refusal's own fields (a 429's Retry-After and RateLimit)."""
         target = ctx.target if ctx is not None else None
         if target is not None:
             text = f"turnout: {message} (release {target.release}, arm {target.arm})\n"
         else:
             text = f"turnout: {message}\n"
         body = text.encode()
-        headers = [
+        out = [
             (b"content-type", b"text/plain; charset=utf-8"),
             (b"content-length", b"%d" % len(body)),
             (b"cache-control", b"no-store"),
         ]
+        if headers:
+            out += headers
         if close:
-            headers.append((b"connection", b"close"))
+            out.append((b"connection", b"close"))
         if self.expose:
-            headers.append((b"x-turnout-config-version", self._version_header))
+            out.append((b"x-turnout-config-version", self._version_header))
             if target is not None:
-                headers.append((b"x-turnout-arm", target.arm.encode()))
+                out.append((b"x-turnout-arm", target.arm.encode()))
         if ctx is not None and ctx.set_cookie is not None:
-            headers.append((b"set-cookie", ctx.set_cookie))
-        return status, headers, body
+            out.append((b"set-cookie", ctx.set_cookie))
+        return status, out, body
 
     def maintenance_response(
         self, maintenance: Maintenance, ctx: RequestContext, *, close: bool = False
@@ -609,9 +642,11 @@ class Pipeline:
         status: int,
         message: str,
         close: bool,
+        headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         ctx.status = status
-        await downstream.respond(*self.error_response(status, message, ctx, close=close))
+        answer = self.error_response(status, message, ctx, close=close, headers=headers)
+        await downstream.respond(*answer)
 
     async def _turn_away(
         self, ctx: RequestContext, downstream: Downstream, exc: Reject, close: bool
@@ -622,7 +657,7 @@ class Pipeline:
             answer = self.maintenance_response(exc.maintenance, ctx, close=close)
             await downstream.respond(*answer)
             return
-        await self._refuse(ctx, downstream, exc.status, exc.message, close)
+        await self._refuse(ctx, downstream, exc.status, exc.message, close, exc.headers)
 
     # -- the whole exchange ------------------------------------------------------------------
 

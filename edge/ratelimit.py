@@ -178,17 +178,21 @@ class RateLimiter:
         self._all: tuple[Bucket, ...] = ()
         self._by_release: dict[str, tuple[Bucket, ...]] = {}
         self.refused: dict[str, int] = {}  # limit name -> 429s (metrics)
+        # Limiters sharing the limits without a fleet sync (`workers: N` on a file store):
+        # each takes 1/N of every limit. A fleet sync (stores/ratesync.py) replaces this.
+        self.local_share = 1
 
     def apply(self, limits: Mapping[str, RateLimit]) -> None:
         """Take a new document's limits; a limit whose definition is unchanged keeps its state."""
         buckets: dict[str, Bucket] = {}
         for name, limit in limits.items():
             old = self.buckets.get(name)
-            buckets[name] = (
-                old
-                if old is not None and old.limit == limit
-                else Bucket(name, limit, self.max_keys)
-            )
+            if old is not None and old.limit == limit:
+                buckets[name] = old
+            else:
+                buckets[name] = Bucket(name, limit, self.max_keys)
+                if self.local_share > 1:
+                    buckets[name].set_share(self.local_share, {})
         by_release: dict[str, list[Bucket]] = {}
         everywhere: list[Bucket] = []
         for bucket in buckets.values():
