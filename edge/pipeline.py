@@ -7,20 +7,24 @@ per-request context (edge/context.py).
     decide                  maintenance holds all but the internal cohort (503, issue #10);
                             else the route's release assigns the unit an arm -> its target;
                             the document's rate limits admit it or answer 429 (issue #12)
-    upstream_peer           the target's next upstream, round-robin over its pools
+    upstream_peer           the target's next upstream, round-robin over its pools, skipping
+                            upstreams ejected by outlier detection (edge/outlier.py, #12)
     upstream_request_filter the upstream head, re-framed (never the client's CL/TE) with
                             X-Forwarded-*, Via and X-Turnout-*            (DESIGN.md §5)
     forward                 the lean pool (edge/upstream.py), or a WebSocket tunnel after a 101
     response_filter         strip hop-by-hop both ways, decision headers, Set-Cookie
     logging                 the finished context: per-release, per-arm counters and latency,
-                            the guard's per-arm windows (edge/armstats.py, issue #10)
+                            the guard's per-arm windows (edge/armstats.py, issue #10), the
+                            outlier detector's per-upstream streaks (issue #12)
 
 Rules of this file:
 * One admission (`admit`: request_filter -> identify -> decide) serves HTTP and WebSocket;
   every refusal is built by `error_response`; every upstream failure is mapped to a status
   and a metric kind by `edge.errors.classify`, nowhere else.
 * `logging` is the one place a finished exchange is seen whole: hooks that need the outcome
-  (access log, per-arm guard statistics) belong there. It runs for every exchange, refused,
+  (access log, per-arm guard statistics, the outlier detector) belong there; the one exception
+  is a failed connect that moves on to the arm's next upstream, which `logging` cannot see and
+  `forward` tells the outlier detector itself. It runs for every exchange, refused,
   failed or answered, once the answer is written (off the latency path).
 * `Downstream` is the one seam to the client side (edge/frontend.py implements it).
 * It reads only the in-memory snapshot; it never touches the store.
@@ -41,6 +45,7 @@ from edge.framing import CHUNKED, MAX_CONTENT_LENGTH_DIGITS, FramingError, reque
 from edge.identity import Identity
 from edge.maintenance import maintenance_answer
 from edge.metrics import EdgeMetrics
+from edge.outlier import OutlierDetector
 from edge.ratelimit import RateLimiter
 from edge.redirects import LOCATION_FIELDS, relative_location, upstream_origins
 from edge.targets import PoolSet, Target
@@ -176,6 +181,13 @@ class Held(Reject):
         self.maintenance = maintenance
 
 
+def upstream_name(arm: str, pool: UpstreamPool) -> str:
+    """The outlier detector's name of an arm's upstream: "arm|scheme://host:port"."""
+    scheme = "https" if pool.ssl is not None else "http"
+    host = f"[{pool.host}]" if ":" in pool.host else pool.host
+    return f"{arm}|{scheme}://{host}:{pool.port}"
+
+
 def canonical_path(raw: bytes) -> bytes:
     """One canonical path for routing and forwarding (HARDENING §2.5).
 
@@ -307,6 +319,10 @@ class Pipeline:
         self._version_header = b"0"
         self._host_cache: dict[bytes, str] = {}
         self.ratelimiter = RateLimiter()  # the document's rate_limits (issue #12)
+        self.outliers = OutlierDetector()  # passive: fed by `logging` (issue #12)
+        self._upstream_names: dict[int, str] = {}  # id(pool) -> "arm|origin"
+        self._ejecting = False  # true once anything was ejected: upstream_peer then checks
+        metrics.upstream_ejected = self._ejected_upstreams
 
     # -- configuration -----------------------------------------------------------------------
 
@@ -315,6 +331,17 @@ class Pipeline:
         Returns pools nobody uses any more, for the caller to close."""
         targets = self.pools.targets(snapshot)
         self.ratelimiter.apply(snapshot.document.rate_limits)  # unchanged limits keep state
+        names: dict[int, str] = {}
+        groups: list[tuple[str, ...]] = []
+        for pair in targets.values():
+            for target in pair:
+                group = []
+                for pool in target.pools:
+                    name = names[id(pool)] = upstream_name(target.arm, pool)
+                    group.append(name)
+                groups.append(tuple(group))
+        self.outliers.set_groups(groups)  # known upstreams keep their state
+        self._upstream_names = names
         self.targets = targets
         self.snapshot = snapshot
         self._version_header = str(snapshot.version).encode()
@@ -520,9 +547,61 @@ class Pipeline:
 
     def upstream_peer(self, ctx: RequestContext) -> UpstreamPool:
         """The target's next upstream (round-robin); called again for a retry."""
-        assert ctx.target is not None
-        pool = ctx.upstream = ctx.target.pick()
+        target = ctx.target
+        assert target is not None
+        pool = target.pick()
+        if self._ejecting and len(target.pools) > 1:
+            # The detector never ejects an arm's last upstream, so one of them is in.
+            names, outliers = self._upstream_names, self.outliers
+            for _ in range(len(target.pools) - 1):
+                if not outliers.is_ejected(names.get(id(pool), "")):
+                    break
+                pool = target.pick()
+        ctx.upstream = pool
         return pool
+
+    def _ejected_upstreams(self) -> dict[tuple[str, str], int]:
+        """(arm, upstream) -> 1 if ejected now, else 0 (a gauge, read at scrape time)."""
+        out: dict[tuple[str, str], int] = {}
+        for name in self.outliers.status:
+            arm, _, origin = name.partition("|")
+            out[(arm, origin)] = 1 if self.outliers.is_ejected(name) else 0
+        return out
+
+    def _failed_before_retry(self, pool: UpstreamPool, error: UpstreamError) -> None:
+        name = self._upstream_names.get(id(pool))
+        if name is not None and classify(error)[2] in ("connect", "timeout"):
+            self._count_ejection(name, self.outliers.record_connect_failure(name))
+
+    def _count_ejection(self, name: str, ejected: bool) -> None:
+        if ejected:
+            self._ejecting = True
+            arm, _, origin = name.partition("|")
+            key = (arm, origin)
+            counts = self.metrics.outlier_ejections
+            counts[key] = counts.get(key, 0) + 1
+
+    def _observe_upstream(self, ctx: RequestContext) -> None:
+        """Feed the outlier detector the upstream that answered last: a failed connect or a
+        timeout is a connect failure (Envoy's gateway failure), an invalid response a 502, an
+        answer its status. Pool exhaustion is ours, not the upstream's; a 101 is judged by
+        its tunnel's guard statistics only."""
+        pool = ctx.upstream
+        if pool is None:
+            return
+        name = self._upstream_names.get(id(pool))
+        if name is None:
+            return
+        error = ctx.error
+        if error == "connect" or error == "timeout":
+            ejected = self.outliers.record_connect_failure(name)
+        elif error == "protocol":
+            ejected = self.outliers.record(name, 502)
+        elif ctx.upstream_s >= 0 and ctx.status != 101:
+            ejected = self.outliers.record(name, ctx.status)
+        else:
+            return
+        self._count_ejection(name, ejected)
 
     def upstream_request_filter(self, ctx: RequestContext) -> bytes:
         """The upstream request head: re-framed, never the client's CL/TE (RFC 9112 §6.1)."""
@@ -724,6 +803,10 @@ class Pipeline:
                 failure = error
                 if error.sent:
                     break
+                if attempts > 1:
+                    # Moving on to the next upstream: `logging` sees only the last one, so the
+                    # one that failed is told to the outlier detector here (issue #12).
+                    self._failed_before_retry(pool, error)
             except ClientGone:
                 return
             except Reject as exc:  # raised by the streamed body: too large
@@ -870,6 +953,7 @@ class Pipeline:
         metrics = self.metrics
         release, arm = ctx.release, ctx.arm
         error = ctx.error
+        self._observe_upstream(ctx)
         if error is not None:
             metrics.error(release, arm, error)
         upstream_s = ctx.upstream_s
