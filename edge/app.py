@@ -19,6 +19,8 @@ from edge.upstream import Timeouts
 from flags.errors import ConfigError
 from flags.evaluate import ARM_CANARY, CompiledRelease, Snapshot
 from flags.store import Revision
+from stores.ratesync import FleetSync
+from stores.redisstore import RedisStore
 from stores.secretfile import read_or_create_secret
 from stores.settings import Settings
 from stores.watch import ConfigWatcher
@@ -59,12 +61,16 @@ class Edge:
             expose_decision_headers=settings.expose_decision_headers,
             via_name=settings.via_name,
             max_body_bytes=settings.max_request_body_bytes,
+            via_upstream=settings.via_upstream,
+            rewrite_redirects=settings.rewrite_upstream_redirects,
         )
         self.access_log = open_access_log(settings, secret)
         self.pipeline.access_log = self.access_log
         self.rollback_grace_s = settings.websocket_rollback_grace_s
         self.watcher = watcher
         self._closing: set[asyncio.Task[None]] = set()
+        self.ratesync: FleetSync | None = None
+        self._ratesync_task: asyncio.Task[None] | None = None
         self.pipeline.apply(watcher.snapshot)
         self.ofrep = self.pipeline.ofrep = Ofrep(
             path_prefix=settings.ofrep_path_prefix, exposures=self.metrics.exposures
@@ -108,7 +114,33 @@ class Edge:
             name, ARM_CANARY, CLOSE_SERVICE_RESTART, "rolled back: reconnect"
         )
 
+    def start_rate_sync(self, store: object, workers: int = 1) -> None:
+        """Rate limits across processes (issue #12): on Redis, each process (every worker) is a
+        member of the fleet sync and learns its share of each limit off the request path
+        (stores/ratesync.py); without Redis, the `workers` processes of this instance take
+        1/N of each limit (the kernel spreads connections over them, SO_REUSEPORT)."""
+        limiter = self.pipeline.ratelimiter
+        if isinstance(store, RedisStore):
+            self.ratesync = FleetSync(store.client, limiter)
+            self._ratesync_task = asyncio.get_running_loop().create_task(self.ratesync.run())
+        elif workers > 1:
+            limiter.local_share = workers
+            limiter.set_shares(workers, {})
+
+    async def stop_rate_sync(self) -> None:
+        """Leave the fleet (the others take the share at once); before the store closes, as
+        the sync shares its Redis connection pool."""
+        task, self._ratesync_task = self._ratesync_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        sync, self.ratesync = self.ratesync, None
+        if sync is not None:
+            await sync.leave()
+
     async def aclose(self) -> None:
+        await self.stop_rate_sync()
         await self.pools.aclose()
         if self.access_log is not None:
             await self.access_log.aclose()

@@ -7,7 +7,7 @@ Rules of this file:
   responses (edge/upstream.py), the front-end of the responses it writes (edge/frontend.py).
 * Strict, because a proxy that frames a message differently from its neighbour is a request
   smuggling vector (RFC 9112 §11.2): Transfer-Encoding must be exactly `chunked` and never
-  beside Content-Length (§6.1); Content-Length is 1*DIGIT and nothing else (RFC 9110 §8.6).
+  beside Content-Length (§6.1); Content-Length is 1*DIGIT without a leading zero and nothing else (RFC 9110 §8.6).
 * Pure: bytes and numbers in, a framing out, `FramingError` (with the status a server
   would answer) for what must be refused. No I/O.
 
@@ -52,8 +52,14 @@ class FramingError(Exception):
 
 def parse_content_length(value: bytes, status: int = 400) -> int:
     """A Content-Length value: 1*DIGIT (RFC 9110 §8.6), at most 15 digits; no sign, no
-    spaces inside, no list of values."""
-    if not value.isdigit() or len(value) > MAX_CONTENT_LENGTH_DIGITS or not value.isascii():
+    spaces inside, no list of values, no leading zero ("010" is read as 10 by some parsers
+    and 8 by others: HARDENING table (a) row 5, issue #12)."""
+    if (
+        not value.isdigit()
+        or len(value) > MAX_CONTENT_LENGTH_DIGITS
+        or not value.isascii()
+        or (len(value) > 1 and value[:1] == b"0")
+    ):
         raise FramingError(status, "invalid Content-Length")
     return int(value)
 

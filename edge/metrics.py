@@ -73,6 +73,9 @@ class Histogram:
         return out
 
 
+UPSTREAM_EJECTED = "turnout_upstream_ejected"
+
+
 class EdgeMetrics:
     """Counters the data plane writes and the admin listener exposes."""
 
@@ -84,9 +87,15 @@ class EdgeMetrics:
             "canary": Histogram(LATENCY_BUCKETS_S),
         }
         self.upstream_errors: dict[tuple[str, str, str], int] = {}
+        # rate limit name -> requests refused with 429 (issue #12)
+        self.rate_limited: dict[str, int] = {}
         self.websockets: dict[tuple[str, str], int] = {}
         # (flag, variant) -> evaluations served over OFREP (edge/ofrep.py counts, issue #11).
         self.exposures: dict[tuple[str, str], int] = {}
+        # (arm, upstream) -> ejections by passive outlier detection (edge/outlier.py, #12)
+        self.outlier_ejections: dict[tuple[str, str], int] = {}
+        # (arm, upstream) -> 1 while ejected, 0 else; read at scrape time (edge/pipeline.py)
+        self.upstream_ejected: Callable[[], dict[tuple[str, str], int]] = dict
         # Open WebSocket tunnels by (release, arm), read at scrape time (edge/tunnel.py).
         self.open_tunnels: Callable[[], dict[tuple[str, str], int]] = dict
         self.apply_lag = Histogram(LAG_BUCKETS_S)
@@ -157,6 +166,14 @@ class TurnoutCollector(Collector):
         for (release, arm, kind), value in sorted(m.upstream_errors.items()):
             errors.add_metric([release, arm, kind], value)
         yield errors
+        limited = CounterMetricFamily(
+            "turnout_rate_limited",
+            "Requests refused with 429 by a rate limit of the document (issue #12)",
+            labels=["limit"],
+        )
+        for name, value in sorted(m.rate_limited.items()):
+            limited.add_metric([name], value)
+        yield limited
         latency = HistogramMetricFamily(
             "turnout_upstream_latency_seconds",
             "Time to the upstream response head, by arm",
@@ -181,6 +198,22 @@ class TurnoutCollector(Collector):
         for (release, arm), value in sorted(m.open_tunnels().items()):
             tunnels.add_metric([release, arm], value)
         yield tunnels
+        ejections = CounterMetricFamily(
+            "turnout_upstream_ejections",
+            "Upstreams ejected by passive outlier detection, by arm and upstream",
+            labels=["arm", "upstream"],
+        )
+        for (arm, upstream), value in sorted(m.outlier_ejections.items()):
+            ejections.add_metric([arm, upstream], value)
+        yield ejections
+        ejected = GaugeMetricFamily(
+            UPSTREAM_EJECTED,
+            "1 while an upstream is ejected by outlier detection, by arm and upstream",
+            labels=["arm", "upstream"],
+        )
+        for (arm, upstream), value in sorted(m.upstream_ejected().items()):
+            ejected.add_metric([arm, upstream], value)
+        yield ejected
         if self.guard:
             yield from guard_families(m)
         yield GaugeMetricFamily(

@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from edge.metrics import EdgeMetrics, Histogram, TurnoutCollector, exposure_family, guard_families
+from edge.metrics import (
+    UPSTREAM_EJECTED,
+    EdgeMetrics,
+    Histogram,
+    TurnoutCollector,
+    exposure_family,
+    guard_families,
+)
 
 if TYPE_CHECKING:
     from flags.flageval import FlagSet
@@ -57,6 +64,9 @@ def take_snapshot(metrics: EdgeMetrics, watcher: WatcherState) -> Snapshot:
         "upstream_errors": [[*key, n] for key, n in metrics.upstream_errors.items()],
         "websockets": [[*key, n] for key, n in metrics.websockets.items()],
         "exposures": [[*key, n] for key, n in metrics.exposures.items()],
+        "rate_limited": [[name, n] for name, n in metrics.rate_limited.items()],
+        "outlier_ejections": [[*key, n] for key, n in metrics.outlier_ejections.items()],
+        "upstream_ejected": [[*key, n] for key, n in metrics.upstream_ejected().items()],
         "tunnels_open": [[*key, n] for key, n in metrics.open_tunnels().items()],
         "upstream_latency": {
             arm: [hist.counts, hist.total, hist.n] for arm, hist in metrics.upstream_latency.items()
@@ -99,6 +109,11 @@ def add_snapshot(target: EdgeMetrics, snapshot: Snapshot) -> None:
     for *key, n in snapshot.get("exposures", ()):  # .get: a worker from before issue #11
         x = (str(key[0]), str(key[1]))
         target.exposures[x] = target.exposures.get(x, 0) + int(n)
+    for name, n in snapshot.get("rate_limited", ()):  # absent from an older worker's
+        target.rate_limited[str(name)] = target.rate_limited.get(str(name), 0) + int(n)
+    for arm, upstream, n in snapshot.get("outlier_ejections", ()):
+        o = (str(arm), str(upstream))
+        target.outlier_ejections[o] = target.outlier_ejections.get(o, 0) + int(n)
     for arm, data in snapshot["upstream_latency"].items():
         if arm not in target.upstream_latency:
             target.upstream_latency[arm] = Histogram(
@@ -200,7 +215,7 @@ class WorkerSetCollector(Collector):
             metrics = EdgeMetrics()
             add_snapshot(metrics, snapshot)
             for family in TurnoutCollector(metrics, as_watcher(snapshot), guard=False).collect():
-                if family.type != "gauge" or family.name == TUNNELS_OPEN:
+                if family.type != "gauge" or family.name in (TUNNELS_OPEN, UPSTREAM_EJECTED):
                     continue
                 labelled = gauges.get(family.name)
                 if labelled is None:
@@ -219,6 +234,16 @@ class WorkerSetCollector(Collector):
         for (release, arm), n in sorted(tunnels.items()):
             open_tunnels.add_metric([release, arm], n)
         yield open_tunnels
+        # Each worker has its own outlier detector (edge/outlier.py): its view, per worker.
+        ejected = GaugeMetricFamily(
+            UPSTREAM_EJECTED,
+            "1 while an upstream is ejected by a worker's outlier detection",
+            labels=["arm", "upstream", "worker"],
+        )
+        for worker, snapshot in sorted(live.items()):
+            for arm, upstream, n in snapshot.get("upstream_ejected", []):
+                ejected.add_metric([str(arm), str(upstream), str(worker)], int(n))
+        yield ejected
         if state.guard is not None:
             yield from guard_families(state.guard)
         yield GaugeMetricFamily(

@@ -6,8 +6,10 @@ per-request context (edge/context.py).
                             -- or, under the OFREP mount, hand the request to edge/ofrep.py
     identify                unit id (header > signed cookie > new signed cookie)
     decide                  maintenance holds all but the internal cohort (503, issue #10);
-                            else the route's release assigns the unit an arm -> its target
-    upstream_peer           the target's next upstream, round-robin over its pools
+                            else the route's release assigns the unit an arm -> its target;
+                            the document's rate limits admit it or answer 429 (issue #12)
+    upstream_peer           the target's next upstream, round-robin over its pools, skipping
+                            upstreams ejected by outlier detection (edge/outlier.py, #12)
     upstream_request_filter the upstream head, re-framed (never the client's CL/TE) with
                             X-Forwarded-*, Via, X-Turnout-* and the release's
                             upstream flags (edge/flagheader.py)           (DESIGN.md §5)
@@ -15,14 +17,17 @@ per-request context (edge/context.py).
     response_filter         strip hop-by-hop both ways, decision headers, Set-Cookie
     logging                 the finished context: per-release, per-arm counters and latency,
                             the guard's per-arm windows (edge/armstats.py, issue #10), the
-                            access log (edge/accesslog.py, issue #13)
+                            access log (edge/accesslog.py, issue #13), the outlier
+                            detector's per-upstream streaks (issue #12)
 
 Rules of this file:
 * One admission (`admit`: request_filter -> identify -> decide) serves HTTP and WebSocket;
   every refusal is built by `error_response`; every upstream failure is mapped to a status
   and a metric kind by `edge.errors.classify`, nowhere else.
 * `logging` is the one place a finished exchange is seen whole: hooks that need the outcome
-  (access log, per-arm guard statistics) belong there. It runs for every exchange, refused,
+  (access log, per-arm guard statistics, the outlier detector) belong there; the one exception
+  is a failed connect that moves on to the arm's next upstream, which `logging` cannot see and
+  `forward` tells the outlier detector itself. It runs for every exchange, refused,
   failed or answered, once the answer is written (off the latency path).
 * `Downstream` is the one seam to the client side (edge/frontend.py implements it).
 * It reads only the in-memory snapshot; it never touches the store.
@@ -46,10 +51,13 @@ from edge.identity import Identity
 from edge.maintenance import maintenance_answer
 from edge.metrics import EdgeMetrics
 from edge.ofrep import Ofrep
+from edge.outlier import OutlierDetector
+from edge.ratelimit import RateLimiter
+from edge.redirects import LOCATION_FIELDS, relative_location, upstream_origins
 from edge.targets import PoolSet, Target
 from edge.tunnel import Handshake, Tunnel, TunnelRegistry, open_upstream
 from edge.upstream import UpstreamPool, UpstreamResponse
-from flags.evaluate import ARM_CANARY, CompiledRelease, Snapshot
+from flags.evaluate import ARM_CANARY, REASON_TARGETING_MATCH, CompiledRelease, Snapshot
 from flags.flageval import FlagSet
 from flags.rollout import Maintenance
 
@@ -196,11 +204,19 @@ class ClientGone(Exception):
 class Reject(Exception):
     """A request refused before anything was sent upstream."""
 
-    def __init__(self, status: int, message: str, *, close: bool = True) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        close: bool = True,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.close = close
+        self.headers = headers  # extra fields of the refusal (429's Retry-After, RateLimit)
 
 
 class Held(Reject):
@@ -209,6 +225,13 @@ class Held(Reject):
     def __init__(self, maintenance: Maintenance) -> None:
         super().__init__(503, maintenance.message, close=False)
         self.maintenance = maintenance
+
+
+def upstream_name(arm: str, pool: UpstreamPool) -> str:
+    """The outlier detector's name of an arm's upstream: "arm|scheme://host:port"."""
+    scheme = "https" if pool.ssl is not None else "http"
+    host = f"[{pool.host}]" if ":" in pool.host else pool.host
+    return f"{arm}|{scheme}://{host}:{pool.port}"
 
 
 def canonical_path(raw: bytes) -> bytes:
@@ -319,6 +342,8 @@ class Pipeline:
         expose_decision_headers: bool,
         via_name: str,
         max_body_bytes: int,
+        via_upstream: bool = False,
+        rewrite_redirects: bool = True,
     ) -> None:
         self.identity = identity
         self.pools = pools
@@ -332,6 +357,8 @@ class Pipeline:
         self.trusted_hops = trusted_hops
         self.expose = expose_decision_headers
         self.via = b"1.1 " + via_name.encode("ascii")
+        self.via_upstream = via_upstream  # issue #12: off, as nginx, Envoy and HAProxy
+        self.rewrite_redirects = rewrite_redirects
         self.max_body_bytes = max_body_bytes
         self.snapshot: Snapshot | None = None
         self.flags: FlagSet | None = None  # the snapshot's compiled flags (flags/flageval.py)
@@ -341,6 +368,11 @@ class Pipeline:
         self.ofrep: Ofrep | None = None  # OFREP endpoints under /ofrep/ (edge/ofrep.py, #11)
         # The logging phase's access log (set by edge.app.Edge; None when `access_log: off`).
         self.access_log: AccessLog | None = None
+        self.ratelimiter = RateLimiter()  # the document's rate_limits (issue #12)
+        self.outliers = OutlierDetector()  # passive: fed by `logging` (issue #12)
+        self._upstream_names: dict[int, str] = {}  # id(pool) -> "arm|origin"
+        self._ejecting = False  # true once anything was ejected: upstream_peer then checks
+        metrics.upstream_ejected = self._ejected_upstreams
 
     # -- configuration -----------------------------------------------------------------------
 
@@ -348,6 +380,18 @@ class Pipeline:
         """Swap in a new snapshot with its targets (one assignment each, same tick).
         Returns pools nobody uses any more, for the caller to close."""
         targets = self.pools.targets(snapshot)
+        self.ratelimiter.apply(snapshot.document.rate_limits)  # unchanged limits keep state
+        names: dict[int, str] = {}
+        groups: list[tuple[str, ...]] = []
+        for pair in targets.values():
+            for target in pair:
+                group = []
+                for pool in target.pools:
+                    name = names[id(pool)] = upstream_name(target.arm, pool)
+                    group.append(name)
+                groups.append(tuple(group))
+        self.outliers.set_groups(groups)  # known upstreams keep their state
+        self._upstream_names = names
         self.targets = targets
         self.snapshot = snapshot
         self.flags = snapshot.flags
@@ -468,6 +512,23 @@ class Pipeline:
             raise Held(maintenance)
         decision = route.assign(ctx.unit, email)
         target = self.targets[route.name][1 if decision.arm == ARM_CANARY else 0]
+        limiter = self.ratelimiter
+        if limiter.buckets:
+            # Before ctx.target is set, so a 429 is not judged against the arm (issue #10's
+            # windows), like a maintenance hold. `route` keys count per release: the snapshot's
+            # match answers with the release, not the route entry that matched.
+            refusal = limiter.check(
+                target.release,
+                target.arm,
+                target.release,
+                ctx.unit,
+                ctx.client[0] if ctx.client else "unknown",
+                decision.reason == REASON_TARGETING_MATCH,  # the internal cohort
+            )
+            if refusal is not None:
+                name = refusal.bucket.name
+                self.metrics.rate_limited[name] = self.metrics.rate_limited.get(name, 0) + 1
+                raise Reject(429, f"rate limited ({name})", close=False, headers=refusal.headers())
         ctx.target = target
         ctx.release = target.release
         ctx.arm = target.arm
@@ -521,7 +582,10 @@ class Pipeline:
         ]
         if host is not None:
             out += (b"x-forwarded-host", b": ", host, b"\r\n")
-        out += (b"via", b": ", (via + b", " + self.via) if via else self.via, b"\r\n")
+        if self.via_upstream:
+            out += (b"via", b": ", (via + b", " + self.via) if via else self.via, b"\r\n")
+        elif via:
+            out += (b"via", b": ", via, b"\r\n")  # the client's, passed on as nginx does
         return out
 
     def route(self, host: bytes | None, path: bytes) -> CompiledRelease | None:
@@ -542,9 +606,61 @@ class Pipeline:
 
     def upstream_peer(self, ctx: RequestContext) -> UpstreamPool:
         """The target's next upstream (round-robin); called again for a retry."""
-        assert ctx.target is not None
-        pool = ctx.upstream = ctx.target.pick()
+        target = ctx.target
+        assert target is not None
+        pool = target.pick()
+        if self._ejecting and len(target.pools) > 1:
+            # The detector never ejects an arm's last upstream, so one of them is in.
+            names, outliers = self._upstream_names, self.outliers
+            for _ in range(len(target.pools) - 1):
+                if not outliers.is_ejected(names.get(id(pool), "")):
+                    break
+                pool = target.pick()
+        ctx.upstream = pool
         return pool
+
+    def _ejected_upstreams(self) -> dict[tuple[str, str], int]:
+        """(arm, upstream) -> 1 if ejected now, else 0 (a gauge, read at scrape time)."""
+        out: dict[tuple[str, str], int] = {}
+        for name in self.outliers.status:
+            arm, _, origin = name.partition("|")
+            out[(arm, origin)] = 1 if self.outliers.is_ejected(name) else 0
+        return out
+
+    def _failed_before_retry(self, pool: UpstreamPool, error: UpstreamError) -> None:
+        name = self._upstream_names.get(id(pool))
+        if name is not None and classify(error)[2] in ("connect", "timeout"):
+            self._count_ejection(name, self.outliers.record_connect_failure(name))
+
+    def _count_ejection(self, name: str, ejected: bool) -> None:
+        if ejected:
+            self._ejecting = True
+            arm, _, origin = name.partition("|")
+            key = (arm, origin)
+            counts = self.metrics.outlier_ejections
+            counts[key] = counts.get(key, 0) + 1
+
+    def _observe_upstream(self, ctx: RequestContext) -> None:
+        """Feed the outlier detector the upstream that answered last: a failed connect or a
+        timeout is a connect failure (Envoy's gateway failure), an invalid response a 502, an
+        answer its status. Pool exhaustion is ours, not the upstream's; a 101 is judged by
+        its tunnel's guard statistics only."""
+        pool = ctx.upstream
+        if pool is None:
+            return
+        name = self._upstream_names.get(id(pool))
+        if name is None:
+            return
+        error = ctx.error
+        if error == "connect" or error == "timeout":
+            ejected = self.outliers.record_connect_failure(name)
+        elif error == "protocol":
+            ejected = self.outliers.record(name, 502)
+        elif ctx.upstream_s >= 0 and ctx.status != 101:
+            ejected = self.outliers.record(name, ctx.status)
+        else:
+            return
+        self._count_ejection(name, ejected)
 
     def upstream_request_filter(self, ctx: RequestContext) -> bytes:
         """The upstream request head: re-framed, never the client's CL/TE (RFC 9112 §6.1)."""
@@ -586,6 +702,9 @@ class Pipeline:
                 elif name == b"content-length":
                     declared = value
                 continue
+            if name in LOCATION_FIELDS and self.rewrite_redirects:
+                assert ctx.target is not None
+                value = relative_location(value, upstream_origins(ctx.target.pools))
             out.append((name, value))
         if nominated is not None and nominated.lower() not in (b"keep-alive", b"close"):
             names = {t.strip() for t in nominated.lower().split(b",")}
@@ -617,29 +736,33 @@ class Pipeline:
         ctx: RequestContext | None = None,
         *,
         close: bool = False,
+        headers: list[tuple[bytes, bytes]] | None = None,
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """Every answer the edge makes up itself: a short text naming the release and arm
-        once they are known, never cached, with the new unit's cookie if one was minted."""
+        once they are known, never cached, with the new unit's cookie if one was minted;
+        `headers` are the refusal's own fields (a 429's Retry-After and RateLimit)."""
         target = ctx.target if ctx is not None else None
         if target is not None:
             text = f"turnout: {message} (release {target.release}, arm {target.arm})\n"
         else:
             text = f"turnout: {message}\n"
         body = text.encode()
-        headers = [
+        out = [
             (b"content-type", b"text/plain; charset=utf-8"),
             (b"content-length", b"%d" % len(body)),
             (b"cache-control", b"no-store"),
         ]
+        if headers:
+            out += headers
         if close:
-            headers.append((b"connection", b"close"))
+            out.append((b"connection", b"close"))
         if self.expose:
-            headers.append((b"x-turnout-config-version", self._version_header))
+            out.append((b"x-turnout-config-version", self._version_header))
             if target is not None:
-                headers.append((b"x-turnout-arm", target.arm.encode()))
+                out.append((b"x-turnout-arm", target.arm.encode()))
         if ctx is not None and ctx.set_cookie is not None:
-            headers.append((b"set-cookie", ctx.set_cookie))
-        return status, headers, body
+            out.append((b"set-cookie", ctx.set_cookie))
+        return status, out, body
 
     def maintenance_response(
         self, maintenance: Maintenance, ctx: RequestContext, *, close: bool = False
@@ -662,9 +785,11 @@ class Pipeline:
         status: int,
         message: str,
         close: bool,
+        headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         ctx.status = status
-        await downstream.respond(*self.error_response(status, message, ctx, close=close))
+        answer = self.error_response(status, message, ctx, close=close, headers=headers)
+        await downstream.respond(*answer)
 
     async def _turn_away(
         self, ctx: RequestContext, downstream: Downstream, exc: Reject, close: bool
@@ -675,7 +800,7 @@ class Pipeline:
             answer = self.maintenance_response(exc.maintenance, ctx, close=close)
             await downstream.respond(*answer)
             return
-        await self._refuse(ctx, downstream, exc.status, exc.message, close)
+        await self._refuse(ctx, downstream, exc.status, exc.message, close, exc.headers)
 
     # -- the whole exchange ------------------------------------------------------------------
 
@@ -748,6 +873,10 @@ class Pipeline:
                 failure = error
                 if error.sent:
                     break
+                if attempts > 1:
+                    # Moving on to the next upstream: `logging` sees only the last one, so the
+                    # one that failed is told to the outlier detector here (issue #12).
+                    self._failed_before_retry(pool, error)
             except ClientGone:
                 ctx.client_closed = True
                 return
@@ -918,6 +1047,7 @@ class Pipeline:
         metrics = self.metrics
         release, arm = ctx.release, ctx.arm
         error = ctx.error
+        self._observe_upstream(ctx)
         if error is not None:
             metrics.error(release, arm, error)
         upstream_s = ctx.upstream_s

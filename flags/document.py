@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from flags.errors import ConfigError
 from flags.flagmodel import ApiKey, Flag, Segment, check_flags
 from flags.hashing import normalize_unit_id
+from flags.ratelimits import RateLimit, check_rate_limits
 from flags.rollout import (
     GuardCriteria,
     Maintenance,
@@ -129,6 +130,7 @@ class Document(BaseModel):
     flags_killed: bool = False  # the global flag kill switch: every flag serves its off variant
     api_keys: dict[str, ApiKey] = Field(default_factory=dict)
     maintenance: Maintenance | None = None  # every route (issue #10)
+    rate_limits: dict[str, RateLimit] = Field(default_factory=dict)  # flags/ratelimits.py
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
@@ -300,3 +302,4 @@ def check_document(doc: Document) -> None:
             )
         seen[key] = i
     check_flags(doc)
+    check_rate_limits(doc.rate_limits, doc.releases, NAME_RE)

@@ -103,6 +103,14 @@ class Settings(BaseSettings):
     trusted_hops: int = Field(default=0, ge=0, le=10)
     expose_decision_headers: bool = False
     via_name: str = "turnout"
+    # `Via` on requests to the upstream (RFC 9110 §7.6.3). Off by default, as in nginx, Envoy
+    # and HAProxy: an nginx upstream with its default `gzip_proxied off` does not compress a
+    # response to any request carrying `Via`, so turning this on can multiply the bytes sent
+    # (issue #12: 2 MB instead of 398 KB). Responses to clients always carry Turnout's `Via`.
+    via_upstream: bool = False
+    # `Location` / `Content-Location` pointing at the answering upstream are made relative
+    # (client-facing), as nginx's `proxy_redirect default` (edge/redirects.py).
+    rewrite_upstream_redirects: bool = True
     upstream_connect_timeout_s: float = Field(default=2.0, gt=0)
     upstream_read_timeout_s: float = Field(default=30.0, gt=0)
     upstream_write_timeout_s: float = Field(default=30.0, gt=0)

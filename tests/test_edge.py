@@ -191,7 +191,7 @@ def test_upstream_sees_computed_forwarding_and_decision_headers_only(inst: Turno
     assert got["x-turnout-release"] == "web"
     assert got["x-forwarded-for"] == "127.0.0.1"
     assert got["x-forwarded-proto"] == "http"
-    assert got["via"] == "1.1 turnout"
+    assert "via" not in got  # off by default upstream (issue #12; tests/test_forwarding.py)
     for name in ("x-real-ip", "forwarded", "x-foo", "keep-alive", "te", "connection"):
         assert name not in got, name
     assert resp.json()["query"] == "q=1"

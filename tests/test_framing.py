@@ -25,7 +25,7 @@ REQUESTS = [
     ("1.1", b"0", None, (CONTENT_LENGTH, 0)),
     ("1.1", b"12", None, (CONTENT_LENGTH, 12)),
     ("1.0", b"12", None, (CONTENT_LENGTH, 12)),
-    ("1.1", b"007", None, (CONTENT_LENGTH, 7)),
+    ("1.1", b"007", None, 400),  # a leading zero: 7 or octal? (HARDENING table (a) row 5)
     ("1.1", None, b"chunked", (CHUNKED, -1)),
     ("1.1", None, b"Chunked ", (CHUNKED, -1)),
     ("1.1", b"5", b"chunked", 400),  # both: a smuggling vector (§6.1)
@@ -74,6 +74,7 @@ RESPONSES = [
     (200, None, b"gzip", 1, False, False, 502),
     (200, b"abc", None, 0, False, False, 502),
     (200, b"9" * 16, None, 0, False, False, 502),
+    (200, b"010", None, 0, False, False, 502),  # a leading zero, as for requests
 ]
 
 

@@ -46,7 +46,7 @@ FORBIDDEN: dict[str, frozenset[str]] = {
     "edge": frozenset({"admin", "turnout", "uvicorn", "starlette"}),
     "admin": frozenset({"edge", "turnout"}),
 }
-REDIS_ALLOWED = frozenset({"stores/redisstore.py"})
+REDIS_ALLOWED = frozenset({"stores/redisstore.py", "stores/ratesync.py"})
 ENV_NAMES = frozenset({"environ", "environb", "getenv", "getenvb", "putenv", "unsetenv"})
 
 

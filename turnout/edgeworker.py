@@ -78,7 +78,7 @@ class ControlChannel:
         self.writer.write(orjson.dumps(message) + b"\n")
 
 
-async def run_worker(settings: Settings, worker: int, control_fd: int) -> int:
+async def run_worker(settings: Settings, worker: int, control_fd: int, workers: int = 1) -> int:
     try:
         sock = bind_listener(settings.edge_host, settings.edge_port, reuse_port=True, listen=False)
     except OSError as exc:
@@ -90,6 +90,7 @@ async def run_worker(settings: Settings, worker: int, control_fd: int) -> int:
     )
     await watcher.start()
     edge = Edge(settings, watcher, None)
+    edge.start_rate_sync(store, workers)  # issue #12: in every worker
     server = edge_server(edge, settings)
     assert isinstance(server, EdgeServer), "workers run the native front-end only"
     server.sock = sock
@@ -144,6 +145,7 @@ async def run_worker(settings: Settings, worker: int, control_fd: int) -> int:
         with contextlib.suppress(OSError, ConnectionError):
             await writer.drain()
         writer.close()
+        await edge.stop_rate_sync()  # shares the store's Redis pool: before it closes
         await watcher.stop()
         await edge.aclose()
     return 0
@@ -153,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="turnout-worker", description=__doc__)
     parser.add_argument("--worker", type=int, required=True)
     parser.add_argument("--control-fd", type=int, required=True)
+    # How many workers share the port (rate limits without a fleet sync: 1/N each).
+    parser.add_argument("--of", type=int, default=1)
     args = parser.parse_args(argv)
     try:
         settings = Settings(**orjson.loads(sys.stdin.buffer.read()))
@@ -162,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     # The same log format and level as the supervisor (log_format), tagged with the worker.
     configure_logging(settings, worker=args.worker)
     install_event_loop_policy()
-    return asyncio.run(run_worker(settings, args.worker, args.control_fd))
+    return asyncio.run(run_worker(settings, args.worker, args.control_fd, args.of))
 
 
 if __name__ == "__main__":

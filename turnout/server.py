@@ -137,6 +137,7 @@ async def serve(
     await watcher.start()
     registry = CollectorRegistry()
     edge = Edge(settings, watcher, registry)
+    edge.start_rate_sync(store)  # issue #12: the fleet's rate-limit shares, beside the watcher
     # Guarded delivery (issue #10): the guard judges beside the watcher, never on the
     # request path; webhooks and the event stream hang off its events.
     events = EventBus()
@@ -218,6 +219,7 @@ async def serve(
         await guardian.stop()
         if notifier is not None:
             await notifier.aclose()
+        await edge.stop_rate_sync()  # shares the store's Redis pool: before it closes
         await watcher.stop()
         await edge.aclose()
 

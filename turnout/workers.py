@@ -106,6 +106,8 @@ class WorkerProcess:
                 str(self.number),
                 "--control-fd",
                 str(child.fileno()),
+                "--of",
+                str(sup.count),
                 stdin=asyncio.subprocess.PIPE,
                 pass_fds=(child.fileno(),),
                 cwd=sup.cwd,

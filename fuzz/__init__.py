@@ -1,0 +1,1 @@
+"""Coverage-guided fuzzers of the edge (atheris); see fuzz/README.md."""
