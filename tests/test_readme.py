@@ -167,8 +167,12 @@ def test_quick_start_and_demo_walk_through(tmp_path: Path) -> None:
     (quick,) = [b for b in of_lang("sh") if is_quick_start(b)]
     (walk,) = [b for b in of_lang("sh") if is_demo_walk(b)]
     ports = {"8080": free_port(), "8081": free_port()}
-    command = quick.text.split("#")[0].split()
+    run_line, test_line = quick.text.strip().splitlines()
+    command = run_line.split("#")[0].split()
     assert command == ["./scripts/demo"]
+    # The second of the two newcomer commands runs this very suite (not run from inside it).
+    assert test_line.split("#")[0].split() == ["./scripts/test"]
+    assert os.access(REPO / "scripts" / "test", os.X_OK)
     env = {
         **os.environ,
         "TURNOUT_STATE_DIR": str(tmp_path / "state"),

@@ -113,16 +113,9 @@ def admin_config(app: Any, settings: Settings) -> uvicorn.Config:
     )
 
 
-async def serve(
-    settings: Settings,
-    *,
-    started: asyncio.Event | None = None,
-    stop_event: asyncio.Event | None = None,
-    context: dict[str, Any] | None = None,
-) -> None:
-    """Run one Turnout instance until SIGINT/SIGTERM or until `stop_event` is set."""
-    from admin.app import create_admin_app
-
+async def open_store(settings: Settings) -> tuple[Store, ConfigWatcher]:
+    """Open the store, seed it when empty, and start a watcher on it. A store that is down
+    is not fatal (the watcher serves the bootstrap copy and reconnects); an invalid seed is."""
     store = make_store(settings)
     try:
         await store.open()
@@ -135,6 +128,20 @@ async def serve(
         store, bootstrap_path=settings.bootstrap_file, poll_interval_s=settings.poll_interval_s
     )
     await watcher.start()
+    return store, watcher
+
+
+async def serve(
+    settings: Settings,
+    *,
+    started: asyncio.Event | None = None,
+    stop_event: asyncio.Event | None = None,
+    context: dict[str, Any] | None = None,
+) -> None:
+    """Run one Turnout instance until SIGINT/SIGTERM or until `stop_event` is set."""
+    from admin.app import create_admin_app
+
+    store, watcher = await open_store(settings)
     registry = CollectorRegistry()
     edge = Edge(settings, watcher, registry)
     edge.start_rate_sync(store)  # issue #12: the fleet's rate-limit shares, beside the watcher

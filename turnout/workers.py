@@ -41,7 +41,6 @@ from edge.guardian import Guardian
 from edge.listener import reserve_port
 from edge.metrics import EdgeMetrics
 from edge.metricsnapshot import WorkerSetCollector, WorkerSetState, fold
-from flags.errors import ConfigError
 from flags.store import Store
 from stores.events import EventBus
 from stores.fleetstats import fleet_stats_for
@@ -50,7 +49,7 @@ from stores.settings import Settings
 from stores.watch import ConfigWatcher
 from stores.webhooks import Notifier
 from turnout.edgeworker import settings_payload
-from turnout.server import _Server, admin_config, make_store, seed_store
+from turnout.server import _Server, admin_config, open_store
 
 log = logging.getLogger("turnout.workers")
 
@@ -329,18 +328,7 @@ async def supervise(
     port = int(reservation.getsockname()[1])
     settings = settings.model_copy(update={"edge_port": port})
 
-    store = make_store(settings)
-    try:
-        await store.open()
-        await seed_store(store, settings)
-    except ConfigError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the store may be down; the watchers cope
-        log.warning("store not reachable at start: %s", exc)
-    watcher = ConfigWatcher(
-        store, bootstrap_path=settings.bootstrap_file, poll_interval_s=settings.poll_interval_s
-    )
-    await watcher.start()
+    store, watcher = await open_store(settings)
     if not migrates_queued_connections():
         # Linux resets the connections still queued at a listener that closes (a worker killed
         # or crashing) unless they may move to another socket of the SO_REUSEPORT group.
