@@ -117,6 +117,14 @@ class Guardian:
         self.rollbacks = 0
         self._task: asyncio.Task[None] | None = None
         self._previous: Snapshot | None = watcher.snapshot
+        # Per release, the document version from which this instance's evidence counts: the
+        # version at which it last forgot a release's history (`_on_config`), else the version
+        # it started on. Published with the counts, so that an instance which has not yet
+        # applied the version that brought a release back (its entry is up to a second old)
+        # cannot lend its old evidence to the new canary: `_sum` skips entries older than
+        # this instance's own reset.
+        self._start_version = watcher.snapshot.version if watcher.snapshot is not None else 0
+        self._reset_at: dict[str, int] = {}
         watcher.listeners.append(self._on_config)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -168,6 +176,7 @@ class Guardian:
             ):
                 self.arms.reset(name)
                 self.releases.pop(name, None)
+                self._reset_at[name] = snapshot.version
 
     # -- one second ---------------------------------------------------------------------------
 
@@ -245,7 +254,8 @@ class Guardian:
         payload: dict[str, Any] = {"instance": self.instance_id, "releases": {}}
         for name, horizons in local.items():
             entry: dict[str, Any] = {
-                "h": {str(h): [c.to_list(), s.to_list()] for h, (c, s) in horizons.items()}
+                "h": {str(h): [c.to_list(), s.to_list()] for h, (c, s) in horizons.items()},
+                "since": self._reset_at.get(name, self._start_version),
             }
             state = self.releases.get(name)
             if state is not None and state.phase_key is not None:
@@ -273,6 +283,9 @@ class Guardian:
         phases: dict[str, tuple[ArmCounts, ArmCounts]] = {}
         for entry in entries:
             for name, rel in entry["releases"].items():
+                since = rel.get("since", 0)
+                if type(since) is not int or since < self._reset_at.get(name, 0):
+                    continue  # counted before this release's canary came back: not its evidence
                 try:
                     horizons = {
                         int(h): (ArmCounts.from_list(c), ArmCounts.from_list(s))

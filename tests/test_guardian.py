@@ -498,3 +498,64 @@ async def test_old_evidence_is_forgotten_when_the_release_comes_back(
         assert (await file_store.history())[0].actor == "ops"
     finally:
         await watcher.stop()
+
+
+@run_async
+async def test_a_stale_fleet_entry_is_not_evidence_against_a_release_that_came_back(
+    tmp_path: Path,
+) -> None:
+    """Instance i1 rolls a bad canary back; ops brings the release back at beta. i0 applies
+    that version and judges healthy traffic while i1's last published counts (up to a
+    second old, still holding the bad canary's failures) are in the fleet sums: they were
+    counted before the release came back, so they are skipped, and nothing rolls back twice.
+    (Before this rule, benchmarks/guard.py's second scenario could be rolled back at once on
+    the first scenario's errors.)"""
+    with redis_server(tmp_path / "redis") as server:
+        stores = [RedisStore.from_url(server.url) for _ in range(2)]
+        watchers = [await setup(s, tmp_path / f"i{i}", guarded_doc()) for i, s in enumerate(stores)]
+        metrics = [EdgeMetrics(), EdgeMetrics()]
+        guards = [
+            Guardian(
+                store=s,
+                watcher=w,
+                metrics=m,
+                fleet=fleet_stats_for(s),
+                instance_id=f"i{i}",
+                clock=Clock(),
+            )
+            for i, (s, w, m) in enumerate(zip(stores, watchers, metrics, strict=True))
+        ]
+        try:
+            traffic(metrics[1], canary_errors=50)
+            await guards[1].tick()  # publishes the failures and rolls back
+            assert guards[1].rollbacks == 1
+            rolled_back = await stores[0].latest()
+            assert rolled_back is not None
+            watchers[0].offer(rolled_back)
+            from flags.changes import set_stage
+
+            new, summary = set_stage(rolled_back.document, "web", stage="beta")
+            back = await stores[0].commit(
+                new, expected_version=rolled_back.version, actor="ops", summary=summary
+            )
+            watchers[0].offer(back)
+            assert watchers[0].snapshot.version == back.version
+            traffic(metrics[0], canary_errors=0)
+            await guards[0].tick()  # i1's entry in Redis is still the old one
+            assert guards[0].rollbacks == 0
+            assert guards[0].fleet_ok
+            assert (await stores[0].history())[0].actor == "ops"
+            # i1's counts from after its own reset are evidence again.
+            for _ in range(500):  # i1's watcher applies the version from Redis
+                if watchers[1].snapshot.version == back.version:
+                    break
+                await asyncio.sleep(0.01)
+            assert watchers[1].snapshot.version == back.version
+            traffic(metrics[1], canary_errors=0)
+            await guards[1].tick()
+            await guards[0].tick()
+            canary, _stable = guards[0].releases["web"].windows[60]
+            assert canary.requests == 200
+        finally:
+            for w in watchers:
+                await w.stop()
