@@ -787,7 +787,9 @@ class Bench:
         a = self.args
         print(f"temp dir {self.tmp}; python {PYTHON}", flush=True)
         self.start_upstreams()
-        edge_port, _admin = self.start_turnout()
+        # With --access-log the profiled instance writes its access log (setup L).
+        access_log = str(self.tmp / "access.log") if a.access_log else "off"
+        edge_port, _admin = self.start_turnout(access_log=access_log)
         tp = self.turnout_proc
         assert tp is not None
         conns = a.profile_connections

@@ -41,10 +41,18 @@ from typing import Any
 
 import httptools
 
+from edge.accesslog import AccessLog
 from edge.context import RequestContext
 from edge.deadline import Deadline
 from edge.framing import CHUNKED, CONTENT_LENGTH, NO_BODY, UNTIL_CLOSE, outgoing_framing
-from edge.pipeline import MAX_HEADER_BYTES, MAX_HEADERS, Abortable, ClientGone, Pipeline
+from edge.pipeline import (
+    MAX_HEADER_BYTES,
+    MAX_HEADERS,
+    Abortable,
+    BodyTimedOut,
+    ClientGone,
+    Pipeline,
+)
 from edge.tunnel import CLOSE_GOING_AWAY
 
 log = logging.getLogger("turnout.edge")
@@ -99,6 +107,7 @@ class _Request:
         "no_body",
         "finished",
         "timed_out",
+        "began",
     )
 
     def __init__(self, conn: EdgeConnection) -> None:
@@ -121,14 +130,17 @@ class _Request:
         self.no_body = False
         self.finished = False  # response complete
         self.timed_out = False
+        self.began = 0.0  # perf_counter of the first byte, set when the access log is on
 
     # -- Downstream: the request body ------------------------------------------------------------
 
     async def read_body(self) -> tuple[bytes, bool]:
         conn = self.conn
         while True:
-            if conn.gone or self.timed_out:
+            if conn.gone:
                 raise ClientGone
+            if self.timed_out:
+                raise BodyTimedOut
             body = self.body
             if body:
                 data = body.popleft() if len(body) == 1 else b"".join(body)
@@ -374,9 +386,11 @@ class EdgeConnection(asyncio.Protocol):
     # -- httptools callbacks ---------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self.parsing = _Request(self)
+        self.parsing = request = _Request(self)
         self.in_head = True
         self.raw_head = 0
+        if self.pipeline.access_log is not None:
+            request.began = time.perf_counter()
 
     def on_url(self, url: bytes) -> None:
         request = self.parsing
@@ -404,11 +418,11 @@ class EdgeConnection(asyncio.Protocol):
         self.in_head = False
         parser = self.parser
         request.version = parser.get_http_version()
+        request.method = parser.get_method().decode("ascii")
         if request.version not in ("1.1", "1.0"):
             if request.version.startswith("0."):
                 raise _Refused(400, "HTTP/0.9 requests are not served")
             raise _Refused(505, "HTTP version not supported")
-        request.method = parser.get_method().decode("ascii")
         request.keep_alive = parser.should_keep_alive()
         if parser.should_upgrade() and self._is_websocket(request):
             self.ws_request = request  # feed_data raises HttpParserUpgrade next
@@ -574,12 +588,35 @@ class EdgeConnection(asyncio.Protocol):
         """Input that cannot be a request (unparseable, too large, too slow): the requests
         read before it are answered, then this error, then the connection closes. Nothing
         of it reaches the pipeline."""
+        request = self.parsing
         self._stop_input()
-        self.refusal = self._error_bytes(status, message)
+        self.refusal = refusal = self._error_bytes(status, message)
+        access_log = self.pipeline.access_log
+        if access_log is not None:
+            self._log_refusal(access_log, request, status, len(refusal))
         if self.active is None and not self.queue and not self.gone:
             self.transport.write(self.refusal)
             self.refusal = None
             self.close()
+
+    def _log_refusal(
+        self, access_log: AccessLog, request: _Request | None, status: int, size: int
+    ) -> None:
+        """The access-log line of input the front-end refused itself (400, 408, 414, 431,
+        505...): what is known of the request so far, `-` for the rest. `bytes` counts the
+        whole answer (there is no upstream body), and the duration runs from the request's
+        first byte when a request had begun."""
+        method, host, path, started = "-", None, b"-", 0.0
+        if request is not None:
+            method = request.method or "-"
+            path = request.url.partition(b"?")[0] or b"-"
+            for name, value in request.headers:
+                if name == b"host":
+                    host = value
+                    break
+            started = request.began
+        elapsed = time.perf_counter() - started if started else 0.0
+        access_log.record(method, host, path, status, size, elapsed, None, None, None)
 
     # -- deadlines -------------------------------------------------------------------------------
 

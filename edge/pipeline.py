@@ -201,6 +201,19 @@ class ClientGone(Exception):
     """The client disconnected before its request body was complete."""
 
 
+class BodyTimedOut(ClientGone):
+    """The request body stalled past the client deadline: the front-end answers 408."""
+
+
+def _client_left(ctx: RequestContext, exc: ClientGone) -> None:
+    # What `logging` writes for an exchange whose body never completed: 408 when the edge
+    # gave up on a stalled body (the client gets that 408), 499 when the client went away.
+    if type(exc) is BodyTimedOut:
+        ctx.status = 408
+    else:
+        ctx.client_closed = True
+
+
 class Reject(Exception):
     """A request refused before anything was sent upstream."""
 
@@ -846,8 +859,8 @@ class Pipeline:
         if ctx.length >= 0 or chunked:
             try:
                 body = await self._request_body(downstream, ctx.length)
-            except ClientGone:
-                ctx.client_closed = True
+            except ClientGone as gone:
+                _client_left(ctx, gone)
                 return
             except Reject as exc:
                 await self._refuse(ctx, downstream, exc.status, exc.message, True)
@@ -877,8 +890,8 @@ class Pipeline:
                     # Moving on to the next upstream: `logging` sees only the last one, so the
                     # one that failed is told to the outlier detector here (issue #12).
                     self._failed_before_retry(pool, error)
-            except ClientGone:
-                ctx.client_closed = True
+            except ClientGone as left:  # distinct names: mypyc types `as` names
+                _client_left(ctx, left)
                 return
             except Reject as exc:  # raised by the streamed body: too large
                 await self._refuse(ctx, downstream, exc.status, exc.message, True)

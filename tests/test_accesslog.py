@@ -12,6 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge.accesslog import AccessLog
 from tests.harness import TurnoutInstance, backends, release_doc, wait_until
@@ -285,3 +287,107 @@ def test_ofrep_answers_are_logged_with_their_status_and_bytes(tmp_path: Path) ->
     )
     assert lines[0]["bytes"] == len(answer.content)
     assert lines[1]["status"] == 401
+
+
+def _exchange(port: int, data: bytes, *, wait_s: float = 5.0) -> bytes:
+    """Send raw bytes on a fresh connection; what came back until the edge closed it."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_requests_the_front_end_refuses_are_logged(tmp_path: Path) -> None:
+    """Input the front-end answers itself, before any pipeline phase (unparseable 400, 414,
+    431, 505, the header deadline's 408) and a stalled body's 408 each get one line, with
+    what was known of the request (`-` otherwise) and the status the client got."""
+    log_file = tmp_path / "access.log"
+    with backends("stable", "canary") as servers:
+        seed = release_doc(servers["stable"].url, servers["canary"].url, stage="ga")
+        instance = TurnoutInstance(
+            tmp_path / "state",
+            seed=seed,
+            access_log=str(log_file),
+            client_header_timeout_s=0.3,
+            client_idle_timeout_s=0.3,
+        )
+        instance.start()
+        try:
+            port = instance.edge_port
+            sent = {
+                400: b"GET / HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n",
+                414: b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: a\r\n\r\n",
+                431: b"GET /many HTTP/1.1\r\nHost: a\r\n"
+                + b"".join(b"X-%d: v\r\n" % i for i in range(200))
+                + b"\r\n",
+                505: b"GET /two HTTP/2.0\r\nHost: h2.test\r\n\r\n",
+            }
+            for status, data in sent.items():
+                assert _exchange(port, data).startswith(b"HTTP/1.1 %d " % status)
+            # A head that never completes: 408 at the header deadline.
+            assert _exchange(
+                port, b"GET /slow HTTP/1.1\r\nHost: slow.test\r\nX-More: 1"
+            ).startswith(b"HTTP/1.1 408 ")
+            # A body that stalls: 408 at the body deadline, logged as 408 (not 499).
+            stalled = b"POST /upload HTTP/1.1\r\nHost: body.test\r\nContent-Length: 10\r\n\r\nab"
+            assert _exchange(port, stalled).startswith(b"HTTP/1.1 408 ")
+
+            def six_lines() -> bool:
+                return log_file.exists() and len(log_file.read_text().splitlines()) >= 6
+
+            assert wait_until(six_lines, 10)
+        finally:
+            instance.stop()
+    lines = [json.loads(line) for line in log_file.read_text().splitlines()]
+    by_status: dict[int, list[dict[str, Any]]] = {}
+    for line in lines:
+        by_status.setdefault(line["status"], []).append(line)
+    assert sorted(by_status) == [400, 408, 414, 431, 505]
+    assert len(by_status[408]) == 2
+    assert (by_status[505][0]["method"], by_status[505][0]["path"]) == ("GET", "/two")
+    assert by_status[505][0]["host"] == "h2.test"
+    assert by_status[431][0]["path"] == "/many"
+    head_timeout = next(line for line in by_status[408] if line["path"] == "/slow")
+    assert head_timeout["host"] == "slow.test"
+    body_timeout = next(line for line in by_status[408] if line["path"] == "/upload")
+    assert (body_timeout["method"], body_timeout["release"]) == ("POST", "web")
+    assert all(line["bytes"] > 0 for line in by_status[400] + by_status[414])
+
+
+@given(
+    method=st.text(max_size=20),
+    host=st.one_of(st.none(), st.binary(max_size=300)),
+    path=st.binary(max_size=3000),
+    unit=st.one_of(st.none(), st.text(max_size=50)),
+)
+@settings(max_examples=300, deadline=None)
+def test_every_json_line_is_one_valid_object_whatever_the_client_sent(
+    method: str, host: bytes | None, path: bytes, unit: str | None
+) -> None:
+    """The fast line (cached pieces, paths copied when they need no escaping) is always one
+    line of valid JSON with the client's path, host and method as sent (decoded, capped)."""
+    from edge.accesslog import LINE_MAX_BYTES, MAX_FIELD_CHARS
+
+    log = AccessLog(io.BytesIO(), clock=lambda: 1.5)
+    entry = (1.5, method, host, path, 200, 7, 0.25, FakeTarget(), FakePool(), unit)
+    line = log.format(entry)  # type: ignore[arg-type]
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert len(line) <= LINE_MAX_BYTES
+    record = json.loads(line)
+    decoded = path.decode("utf-8", "replace")
+    assert decoded.startswith(record["path"])
+    if len(line) < LINE_MAX_BYTES // 2:  # not shortened to fit one atomic write
+        assert record["path"] == decoded[:MAX_FIELD_CHARS]
+        assert record["method"] == method
+        assert record["host"] == (host.decode("latin-1") if host is not None else "")
+    assert (record["status"], record["bytes"], record["duration_ms"]) == (200, 7, 250.0)
