@@ -4,7 +4,8 @@
 
 Format: `key=variant` pairs joined by ", ", in flag-key order. Keys and variant names are
 restricted to [A-Za-z0-9._-] by validation (flags/flagmodel.py), so the value needs no
-quoting or escaping. A flag is carried for the releases it names in `upstream:`. The value is
+quoting or escaping. A request carries the flags its route asks for (`routes[].flags`) and
+those that name the route's release in `upstream:`, in key order. The value is
 capped at MAX_FLAGS_HEADER_BYTES: pairs past the cap are left out and
 `x-turnout-flags-truncated: 1` says so (backends' header limits are 8-16 KiB in total, nginx's
 and Node's defaults). A flag that cannot be evaluated (a split without a unit id) is left out.
@@ -13,17 +14,17 @@ Inbound `x-turnout-*` headers never reach the backend (the pipeline's request fi
 
 from __future__ import annotations
 
-from flags.flageval import FlagSet
+from flags.flageval import CompiledFlag, FlagSet
 
 MAX_FLAGS_HEADER_BYTES = 4096
 HEADER_NAME = b"x-turnout-flags"
 
 
 def flag_header_entries(
-    flagset: FlagSet, release: str, unit: str | None, email: str | None
+    flagset: FlagSet, compiled: tuple[CompiledFlag, ...], unit: str | None, email: str | None
 ) -> list[bytes]:
-    """Header entries in the pipeline's (name, ': ', value, CRLF) form; [] when none apply."""
-    compiled = flagset.upstream.get(release)
+    """Header entries in the pipeline's (name, ': ', value, CRLF) form; [] when none apply.
+    `compiled`: the matched route's flags (`CompiledRelease.upstream_flags`)."""
     if not compiled:
         return []
     ctx = {"targetingKey": unit, "email": email} if email is not None else {"targetingKey": unit}

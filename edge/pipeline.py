@@ -687,11 +687,12 @@ class Pipeline:
         parts.append(host if host is not None else target.pools[0].host.encode("ascii"))
         parts.append(b"\r\n")
         parts += ctx.kept
+        route = ctx.route
         flags = self.flags
-        if flags is not None and ctx.release in flags.upstream:
-            # The release's upstream flags for this unit, one capped header (edge/flagheader.py).
+        if flags is not None and route is not None and route.upstream_flags:
+            # The route's upstream flags for this unit, one capped header (edge/flagheader.py).
             email = ctx.email.decode("utf-8", "replace") if ctx.email is not None else None
-            parts += flag_header_entries(flags, ctx.release, ctx.unit, email)
+            parts += flag_header_entries(flags, route.upstream_flags, ctx.unit, email)
         parts.append(target.upstream_headers)
         if ctx.websocket:
             parts.append(b"connection: upgrade\r\nupgrade: websocket\r\n")  # RFC 6455 §4.1

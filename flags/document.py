@@ -113,6 +113,10 @@ class Route(BaseModel):
     host: str = "*"
     path_prefix: str = "/"
     release: str
+    # Flags this route's backend asks for: evaluated for the request's unit and sent upstream
+    # in one header (edge/flagheader.py, issue #11), with those whose `upstream:` names the
+    # release.
+    flags: tuple[str, ...] = ()
 
 
 class Document(BaseModel):
@@ -294,6 +298,11 @@ def check_document(doc: Document) -> None:
             raise ConfigError(f"{where}.path_prefix", "must start with / and be a plain path")
         if route.release not in doc.releases:
             raise ConfigError(f"{where}.release", f"unknown release {route.release!r}")
+        for j, flag in enumerate(route.flags):
+            if flag not in doc.flags:
+                raise ConfigError(f"{where}.flags.{j}", f"unknown flag {flag!r}")
+        if len(set(route.flags)) != len(route.flags):
+            raise ConfigError(f"{where}.flags", "a flag is listed twice")
         key = (route.host, route.path_prefix)
         if key in seen:
             raise ConfigError(

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from flags.document import STAGE_OFF, Document, Release, effective_percent
-from flags.flageval import FlagSet, compile_flags
+from flags.flageval import CompiledFlag, FlagSet, compile_flags
 from flags.hashing import POSITION_SPACE, normalize_unit_id, position_with_prefix, threshold
 from flags.rollout import Maintenance
 
@@ -95,10 +95,14 @@ class CompiledRelease:
         "stable",
         "canary",
         "maintenance",
+        "upstream_flags",
     )
 
     def __init__(self, doc: Document, name: str, rel: Release) -> None:
         self.name = name
+        # The flags proxied requests carry upstream (edge/flagheader.py), in key order: set by
+        # compile_snapshot per route (the route's `flags:` and the flags naming the release).
+        self.upstream_flags: tuple[CompiledFlag, ...] = ()
         self.release = rel
         if rel.cohort is not None:
             self.salt = doc.cohorts[rel.cohort].salt
@@ -196,9 +200,21 @@ class Snapshot:
 def compile_snapshot(doc: Document, *, stale: bool = False, source: str = "store") -> Snapshot:
     """Precompile a validated document for the request path."""
     releases = {name: CompiledRelease(doc, name, rel) for name, rel in doc.releases.items()}
+    flagset = compile_flags(doc, releases)
+    for name, compiled in releases.items():
+        compiled.upstream_flags = flagset.upstream.get(name, ())
     per_host: dict[str, dict[str, CompiledRelease]] = {}
     for route in doc.routes:
-        per_host.setdefault(route.host, {})[route.path_prefix] = releases[route.release]
+        served = releases[route.release]
+        if route.flags:
+            # A route that asks for flags of its own gets its own copy of the release (the
+            # same decisions; only the upstream flags differ), so the request path reads
+            # them from the route it matched, with no lookup.
+            served = CompiledRelease(doc, route.release, doc.releases[route.release])
+            wanted = {flag.key: flag for flag in releases[route.release].upstream_flags}
+            wanted.update((key, flagset.flags[key]) for key in route.flags)
+            served.upstream_flags = tuple(wanted[key] for key in sorted(wanted))
+        per_host.setdefault(route.host, {})[route.path_prefix] = served
     wildcard = per_host.pop("*", None)
     return Snapshot(
         document=doc,
@@ -207,7 +223,7 @@ def compile_snapshot(doc: Document, *, stale: bool = False, source: str = "store
         wildcard=_table(wildcard) if wildcard else None,
         stale=stale,
         source=source,
-        flags=compile_flags(doc, releases),
+        flags=flagset,
     )
 
 

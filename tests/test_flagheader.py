@@ -150,10 +150,62 @@ def test_header_is_capped_and_says_so() -> None:
             "default": "on",
             "upstream": ["web"],
         }
-    flags = compile_snapshot(load_document(doc)).flags
+    snapshot = compile_snapshot(load_document(doc))
+    flags = snapshot.flags
     assert flags is not None
-    entries = flag_header_entries(flags, "web", "user-1", None)
+    entries = flag_header_entries(flags, snapshot.releases["web"].upstream_flags, "user-1", None)
     assert entries[0] == b"x-turnout-flags"
     assert len(entries[2]) <= MAX_FLAGS_HEADER_BYTES
     assert entries[4:] == [b"x-turnout-flags-truncated", b": ", b"1", b"\r\n"]
-    assert flag_header_entries(flags, "other", "user-1", None) == []
+    assert flag_header_entries(flags, (), "user-1", None) == []
+
+
+def test_each_route_sends_the_flags_its_backend_asks_for(tmp_path: Path) -> None:
+    """Two routes to the same release: `/api` asks for `not-sent` in its route's `flags:`
+    and gets it beside the release's own (`upstream: [web]`) flags, in key order; `/page`
+    gets only the release's. Decisions do not differ between the two routes."""
+    with backends("stable", "canary") as up:
+        doc = cohort_doc(up["stable"].url, up["canary"].url)
+        doc["routes"].insert(
+            0, {"host": "*", "path_prefix": "/api", "release": "web", "flags": ["not-sent"]}
+        )
+        inst = TurnoutInstance(tmp_path / "state", seed=doc).start()
+        try:
+            with httpx.Client(timeout=10) as client:
+                for unit in UNITS[:50]:
+                    page_backend, page = upstream_flags(client, inst.edge_url, unit)
+                    resp = client.get(inst.edge_url + "/api/x", headers={"x-user-id": unit})
+                    body = resp.json()
+                    api = [v for k, v in body["headers"] if k == "x-turnout-flags"]
+                    assert body["backend"] == page_backend
+                    assert [p.split("=")[0] for p in page[0].split(", ")] == ["checkout", "staff"]
+                    assert [p.split("=")[0] for p in api[0].split(", ")] == [
+                        "checkout",
+                        "not-sent",
+                        "staff",
+                    ]
+                    assert "not-sent=on" in api[0]
+        finally:
+            inst.stop()
+
+
+def test_a_route_asking_for_an_unknown_flag_is_refused_with_the_field() -> None:
+    from flags.document import load_document
+    from flags.errors import ConfigError
+
+    doc = cohort_doc("http://127.0.0.1:9", "http://127.0.0.1:9")
+    doc["routes"][0]["flags"] = ["checkout", "nope"]
+    try:
+        load_document(doc)
+    except ConfigError as exc:
+        assert exc.field == "routes.0.flags.1"
+        assert "nope" in str(exc)
+    else:
+        raise AssertionError("an unknown flag in a route was accepted")
+    doc["routes"][0]["flags"] = ["checkout", "checkout"]
+    try:
+        load_document(doc)
+    except ConfigError as exc:
+        assert exc.field == "routes.0.flags"
+    else:
+        raise AssertionError("a flag listed twice was accepted")
