@@ -325,6 +325,10 @@ class EdgeConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        server = self.server
+        if len(server.connections) >= server.max_connections:
+            server.refuse_connection(transport)  # HARDENING table (b) row 15
+            return
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.client = (str(peer[0]), int(peer[1]))
@@ -721,6 +725,27 @@ class _Refused(Exception):
         self.message = message
 
 
+class _CapRefusal(asyncio.Protocol):
+    """A connection refused at the cap once its 503 is written: reads and drops what the
+    client sends until it closes its side or `LINGER_S` passes, then closes."""
+
+    LINGER_S = 2.0
+
+    def __init__(self, transport: asyncio.BaseTransport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport = transport
+        self.timer = loop.call_later(self.LINGER_S, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool | None:
+        self.timer.cancel()
+        return None  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.timer.cancel()
+
+
 class EdgeServer:
     """The edge listener: accepts connections, shuts down gracefully.
 
@@ -740,8 +765,10 @@ class EdgeServer:
         graceful_timeout_s: float = 10.0,
         backlog: int = 4096,
         sock: Any = None,
+        max_connections: int = 16384,
     ) -> None:
         self.pipeline = pipeline
+        self.max_connections = max_connections
         self.sock = sock  # a socket bound beforehand (edge/listener.py), e.g. SO_REUSEPORT
         self.host = host
         self.port = port
@@ -755,6 +782,28 @@ class EdgeServer:
         self._exit = asyncio.Event()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.sockets: list[Any] = []
+
+    def refuse_connection(self, transport: asyncio.BaseTransport) -> None:
+        """A connection beyond `max_connections`: answered at once with 503 and
+        `Retry-After: 1`, then closed without reading a request (uvicorn's
+        `--limit-concurrency` answers 503 too; nginx instead stops accepting, leaving clients
+        in the listen queue until they time out). The client's request, if it sends one, is
+        read and dropped until it half-closes or `_CapRefusal.LINGER_S` passes, so a close
+        with unread bytes does not reset the connection under the 503 (RFC 9112 §9.6)."""
+        self.pipeline.metrics.connections_refused += 1
+        status, headers, body = self.pipeline.error_response(
+            503,
+            "too many connections, try again",
+            close=True,
+            headers=[(b"retry-after", b"1")],
+        )
+        head = b"".join(b"%s: %s\r\n" % header for header in headers)
+        refusal = _CapRefusal(transport, self.loop)
+        transport.set_protocol(refusal)
+        writer: Any = transport
+        writer.write(STATUS_LINES[status] + head + b"\r\n" + body)
+        with contextlib.suppress(OSError, RuntimeError):
+            writer.write_eof()
 
     @property
     def should_exit(self) -> bool:

@@ -98,6 +98,10 @@ class EdgeMetrics:
         self.upstream_ejected: Callable[[], dict[tuple[str, str], int]] = dict
         # Open WebSocket tunnels by (release, arm), read at scrape time (edge/tunnel.py).
         self.open_tunnels: Callable[[], dict[tuple[str, str], int]] = dict
+        # Client connections open now (read at scrape time) and those refused at the
+        # `max_client_connections` cap (edge/frontend.py).
+        self.client_connections: Callable[[], int] = int
+        self.connections_refused = 0
         self.apply_lag = Histogram(LAG_BUCKETS_S)
         self.arms = ArmStats()  # the guard's rolling windows (edge/armstats.py)
         # (release, criterion) -> automatic rollbacks by the guard (issue #10)
@@ -216,6 +220,16 @@ class TurnoutCollector(Collector):
         yield ejected
         if self.guard:
             yield from guard_families(m)
+        yield GaugeMetricFamily(
+            "turnout_client_connections",
+            "Client connections open on the edge listener",
+            value=m.client_connections(),
+        )
+        yield CounterMetricFamily(
+            "turnout_client_connections_refused",
+            "Client connections answered 503 at the max_client_connections cap",
+            value=m.connections_refused,
+        )
         yield GaugeMetricFamily(
             "turnout_config_version", "Applied configuration version", value=w.version
         )

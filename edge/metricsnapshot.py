@@ -68,6 +68,8 @@ def take_snapshot(metrics: EdgeMetrics, watcher: WatcherState) -> Snapshot:
         "outlier_ejections": [[*key, n] for key, n in metrics.outlier_ejections.items()],
         "upstream_ejected": [[*key, n] for key, n in metrics.upstream_ejected().items()],
         "tunnels_open": [[*key, n] for key, n in metrics.open_tunnels().items()],
+        "client_connections": metrics.client_connections(),
+        "connections_refused": metrics.connections_refused,
         "upstream_latency": {
             arm: [hist.counts, hist.total, hist.n] for arm, hist in metrics.upstream_latency.items()
         },
@@ -111,6 +113,9 @@ def add_snapshot(target: EdgeMetrics, snapshot: Snapshot) -> None:
         target.exposures[x] = target.exposures.get(x, 0) + int(n)
     for name, n in snapshot.get("rate_limited", ()):  # absent from an older worker's
         target.rate_limited[str(name)] = target.rate_limited.get(str(name), 0) + int(n)
+    target.connections_refused += int(snapshot.get("connections_refused", 0))
+    open_now = int(snapshot.get("client_connections", 0))  # a gauge: per worker, not summed
+    target.client_connections = lambda: open_now
     for arm, upstream, n in snapshot.get("outlier_ejections", ()):
         o = (str(arm), str(upstream))
         target.outlier_ejections[o] = target.outlier_ejections.get(o, 0) + int(n)

@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     client_keepalive_timeout_s: float = Field(default=5.0, gt=0, le=3600)
     client_header_timeout_s: float = Field(default=10.0, gt=0, le=3600)
     client_idle_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    # Client connections one edge process holds at once (nginx's `worker_connections`,
+    # uvicorn's `--limit-concurrency`); a connection beyond it gets 503 + Retry-After and is
+    # closed (edge/frontend.py). And the listen queue's length (the kernel caps it at
+    # net.core.somaxconn).
+    max_client_connections: int = Field(default=16384, ge=1, le=1_000_000)
+    listen_backlog: int = Field(default=4096, ge=1, le=65535)
     # Edge processes sharing the edge port (SO_REUSEPORT), as nginx's `worker_processes`:
     # a number, or "auto" for one per core. 1 runs the edge inside the main process.
     workers: int | Literal["auto"] = 1

@@ -85,7 +85,7 @@ async def seed_store(store: Store, settings: Settings) -> None:
 
 def edge_server(edge: Edge, settings: Settings) -> EdgeServer:
     """The edge listener: Turnout's own HTTP/1.1 server (the only one on the data plane)."""
-    return EdgeServer(
+    server = EdgeServer(
         edge.pipeline,
         host=settings.edge_host,
         port=settings.edge_port,
@@ -93,7 +93,12 @@ def edge_server(edge: Edge, settings: Settings) -> EdgeServer:
         header_timeout_s=settings.client_header_timeout_s,
         idle_timeout_s=settings.client_idle_timeout_s,
         graceful_timeout_s=10.0,
+        backlog=settings.listen_backlog,
+        max_connections=settings.max_client_connections,
     )
+    connections = server.connections
+    edge.metrics.client_connections = lambda: len(connections)
+    return server
 
 
 def admin_config(app: Any, settings: Settings) -> uvicorn.Config:
