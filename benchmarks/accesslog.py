@@ -163,7 +163,7 @@ def main() -> int:
         if shutil.which(tool) is None:
             print(f"needs {tool} (apt-get install valgrind nginx)", file=sys.stderr)
             return 2
-    bench = Bench(argparse.Namespace(nice=0))
+    bench = Bench(argparse.Namespace(nice=0, keep_tmp=False))
     try:
         bench.start_upstreams()
         off = measure(bench, "off", args.requests, args.connections)

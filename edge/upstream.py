@@ -536,6 +536,9 @@ class UpstreamPool:
         self._conns: set[_Conn] = set()
         self._active = 0
         self._closed = False
+        # Closes connections idle past keepalive_s (oldest first, at the deque's left: the
+        # request path takes the newest from the right): armed while any is parked.
+        self._sweeper: asyncio.TimerHandle | None = None
 
     @property
     def timeouts(self) -> Timeouts:
@@ -723,6 +726,33 @@ class UpstreamPool:
                 return
         self._active -= 1
         self._idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = conn._loop.call_later(self._keepalive_s, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close the connections idle for `keepalive_s` or more (with a FIN, nothing is in
+        flight on them), like nginx's `keepalive_timeout` in an upstream block; re-arm for
+        the next one to expire."""
+        self._sweeper = None
+        idle = self._idle
+        if not idle or self._closed:
+            return
+        loop = idle[0]._loop
+        now = loop.time()
+        expired = False
+        while idle and now - idle[0]._idle_since >= self._keepalive_s:
+            conn = idle.popleft()
+            expired = True
+            if not conn._closed:
+                conn._closed = True
+                conn._deadline.cancel()
+                if conn._transport is not None:
+                    conn._transport.close()
+        if idle:
+            delay = idle[0]._idle_since + self._keepalive_s - now
+            self._sweeper = loop.call_later(max(delay, 0.001), self._sweep)
+        if expired:
+            self._grant()  # their places in the pool are free for waiters
 
     def _free_slot(self) -> None:
         self._active -= 1
@@ -749,6 +779,9 @@ class UpstreamPool:
     async def aclose(self) -> None:
         """Close every connection and fail waiters; later requests raise."""
         self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         waiters = self._waiters
         while waiters:
             w = waiters.popleft()

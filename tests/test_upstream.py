@@ -963,6 +963,37 @@ def test_upstream_closing_idle_connection_is_detected() -> None:
     run(main)
 
 
+def test_idle_connections_are_closed_when_they_expire_not_only_skipped() -> None:
+    """Connections parked longer than keepalive_s are closed by the pool itself (the upstream
+    sees EOF: a FIN, not a reset), oldest first, without a request to trigger it; the next
+    request opens a fresh connection."""
+    eofs: list[int] = []
+
+    async def handler(conn: RawConn) -> None:
+        while await conn.read_request():
+            conn.write(OK)
+            await conn.drain()
+        eofs.append(conn.index)  # read_request returned nothing: the pool closed its side
+
+    async def main() -> None:
+        eofs.clear()
+        async with RawServer(handler) as srv:
+            pool = UpstreamPool("127.0.0.1", srv.port, timeouts=Timeouts(keepalive_s=0.2))
+            first, second = await asyncio.gather(pool.request(GET), pool.request(GET))
+            for resp in (first, second):
+                await read_all(resp)
+                resp.release()
+            assert pool.idle_count == 2 and srv.connections == 2
+            await eventually(lambda: pool.idle_count == 0)
+            await eventually(lambda: sorted(eofs) == [0, 1])
+            _, body = await fetch(pool)
+            assert body == b"ok" and srv.connections == 3
+            await pool.aclose()
+
+    run(main)
+    run(main, uvloop=True)
+
+
 # -- timeouts -------------------------------------------------------------------------------
 
 
