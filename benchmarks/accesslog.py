@@ -15,11 +15,12 @@ Layout (loopback only, every process started and stopped here): the upstream ngi
 benchmarks/proxy.py (stable and canary on two ports); `turnout serve` (one process, the
 document of proxy.py: `web` at beta) started under `valgrind --tool=callgrind
 --collect-atstart=no`, once with `access_log: off` and once writing its JSON access log to
-a file. Each gets a warm-up, then counting is switched on (`callgrind_control -i on`), the
-same N keep-alive GETs (user ids 0..N-1 on `--connections` connections) are sent, the log's
-flush timer is given time to write, and counting is dumped. Printed: instructions per
-request for both, the difference, and the ratio. Every access-log line is checked to be
-there (N lines of valid JSON).
+a file. Each setting runs twice, with N and with 2N keep-alive GETs (distinct user ids over
+`--connections` connections) after the same warm-up, and is stopped with SIGTERM (the log
+is flushed); the difference of the two runs' instruction totals over N is the cost of one
+request, start-up and shutdown cancelling out. Printed: instructions per request for both
+settings, the difference, and the ratio. Every access-log line is checked to be there
+(one valid JSON line per request).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import argparse
 import http.client
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -92,9 +94,11 @@ def load(port: int, first: int, count: int, connections: int) -> int:
 
 
 def measure(bench: Bench, access_log: str, requests: int, connections: int) -> int:
-    """Instructions the Turnout process ran for `requests` requests."""
+    """Instructions of one Turnout process's whole life (start-up, a warm-up, `requests`
+    requests, shutdown) under callgrind. `per_request` takes the difference of two such
+    lives that differ only in the number of requests, so start-up and shutdown cancel out."""
     edge_port, admin_port = free_port(), free_port()
-    tag = "on" if access_log != "off" else "off"
+    tag = f"{'on' if access_log != 'off' else 'off'}-{requests}"
     state = bench.tmp / f"state-{tag}"
     state.mkdir()
     settings = {
@@ -113,7 +117,6 @@ def measure(bench: Bench, access_log: str, requests: int, connections: int) -> i
     argv = [
         "valgrind",
         "--tool=callgrind",
-        "--collect-atstart=no",
         f"--callgrind-out-file={out}",
         PYTHON,
         "-c",
@@ -123,35 +126,31 @@ def measure(bench: Bench, access_log: str, requests: int, connections: int) -> i
     log = bench.tmp / f"turnout-{tag}.log"
     proc = bench.procs.start(f"turnout-{tag}", argv, log, cwd=str(bench.tmp))
     wait_ready(admin_port, proc, START_TIMEOUT_S)
-    load(edge_port, 1_000_000, WARM_REQUESTS, connections)  # warm: pools, caches, first-call paths
-    time.sleep(2)  # the warm-up's access-log lines are flushed before counting starts
-    subprocess.run(
-        ["callgrind_control", "-i", "on", str(proc.pid)], check=True, capture_output=True
-    )
+    load(edge_port, 1_000_000, WARM_REQUESTS, connections)  # pools, caches, first calls
     ok = load(edge_port, 0, requests, connections)
-    time.sleep(3)  # the flush timer (100 ms, slower under valgrind) writes the last batch
-    subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
-    subprocess.run(
-        ["callgrind_control", "-i", "off", str(proc.pid)], check=True, capture_output=True
-    )
     if ok != requests:
         raise RuntimeError(f"{requests - ok} requests failed")
-    proc.terminate()
-    proc.wait(60)
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(300)
     total = 0
-    for dump in bench.tmp.glob(f"callgrind-{tag}.out*"):
-        for line in dump.read_text(errors="replace").splitlines():
-            if line.startswith("summary:") or line.startswith("totals:"):
-                total = max(total, int(line.split()[1]))
-                break
-        dump.unlink()
+    for line in out.read_text(errors="replace").splitlines():
+        if line.startswith(("summary:", "totals:")):
+            total = int(line.split()[1])
     if access_log != "off":
         lines = [json.loads(line) for line in Path(access_log).read_text().splitlines()]
         if len(lines) != requests + WARM_REQUESTS:  # every line there, each valid JSON
-            raise RuntimeError(
-                f"access log has {len(lines)} lines, expected {requests + WARM_REQUESTS}"
-            )
+            raise RuntimeError(f"access log has {len(lines)} lines")
+        Path(access_log).unlink()
+    if total <= 0:
+        raise RuntimeError(f"no instruction count in {out}")
     return total
+
+
+def per_request(bench: Bench, access_log: str, requests: int, connections: int) -> float:
+    small = measure(bench, access_log, requests, connections)
+    large = measure(bench, access_log, 2 * requests, connections)
+    return (large - small) / requests
 
 
 def main() -> int:
@@ -159,19 +158,19 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--connections", type=int, default=4)
     args = parser.parse_args()
-    for tool in ("valgrind", "callgrind_control", "nginx"):
+    for tool in ("valgrind", "nginx"):
         if shutil.which(tool) is None:
             print(f"needs {tool} (apt-get install valgrind nginx)", file=sys.stderr)
             return 2
     bench = Bench(argparse.Namespace(nice=0, keep_tmp=False))
     try:
         bench.start_upstreams()
-        off = measure(bench, "off", args.requests, args.connections)
+        per_off = per_request(bench, "off", args.requests, args.connections)
         with tempfile.TemporaryDirectory() as tmp:
-            on = measure(bench, str(Path(tmp) / "access.log"), args.requests, args.connections)
+            log = str(Path(tmp) / "access.log")
+            per_on = per_request(bench, log, args.requests, args.connections)
     finally:
         bench.close()
-    per_off, per_on = off / args.requests, on / args.requests
     share = per_on / per_off - 1
     print(f"{args.requests} requests, {args.connections} connections, callgrind (instructions)")
     print(f"  access_log off   {per_off:12,.0f} instructions / request")

@@ -66,6 +66,12 @@ class Edge:
         )
         self.access_log = open_access_log(settings, secret)
         self.pipeline.access_log = self.access_log
+        self.pipeline.body_limits(
+            buffer_bytes=settings.client_body_buffer_bytes,
+            timeout_s=settings.client_body_timeout_s,
+            min_rate_bps=settings.client_body_min_rate_bps,
+            rate_window_s=settings.client_body_rate_window_s,
+        )
         self.rollback_grace_s = settings.websocket_rollback_grace_s
         self.watcher = watcher
         self._closing: set[asyncio.Task[None]] = set()

@@ -57,6 +57,7 @@ class RequestContext:
         "bytes_sent",
         "error",
         "client_closed",
+        "queued",
     )
 
     def __init__(
@@ -101,3 +102,4 @@ class RequestContext:
         self.error: str | None = None  # upstream failure kind (edge/errors.py `classify`)
         # The client went away before its answer was written (the access log's 499).
         self.client_closed = False
+        self.queued = False  # waiting for a slot of a full upstream pool (edge/frontend.py)

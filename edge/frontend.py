@@ -108,6 +108,7 @@ class _Request:
         "finished",
         "timed_out",
         "began",
+        "ctx",
     )
 
     def __init__(self, conn: EdgeConnection) -> None:
@@ -131,6 +132,7 @@ class _Request:
         self.finished = False  # response complete
         self.timed_out = False
         self.began = 0.0  # perf_counter of the first byte, set when the access log is on
+        self.ctx: RequestContext | None = None  # the pipeline's context once it runs
 
     # -- Downstream: the request body ------------------------------------------------------------
 
@@ -343,6 +345,17 @@ class EdgeConnection(asyncio.Protocol):
         if on_gone is not None:
             self.on_gone = None
             on_gone.abort()  # the upstream connection is dropped, never pooled
+        active, task = self.active, self.task
+        if (
+            active is not None
+            and not active.started
+            and task is not None
+            and self.ws_request is None
+        ):
+            # Gone before its answer began: the exchange is abandoned (nginx's default
+            # `proxy_ignore_client_abort off`), so a request still waiting for a pool slot
+            # or for its upstream's head is never sent, or is cut off (issue #12).
+            task.cancel()
         for request in (self.parsing, self.active, *self.queue):
             if request is not None:
                 request.wake()
@@ -374,7 +387,15 @@ class EdgeConnection(asyncio.Protocol):
                 self.arm(_HEAD)
 
     def eof_received(self) -> bool | None:
-        # A half-close: answer the requests already read, then close (like nginx).
+        # A half-close: answer the requests already read, then close. Except one still
+        # queued for a full upstream pool's slot: a client that closed (a half-close looks
+        # the same) has abandoned it, and it is never sent (nginx also takes EOF while
+        # waiting on the upstream as an abort, `proxy_ignore_client_abort off`).
+        active, task = self.active, self.task
+        if active is not None and task is not None and not active.started:
+            ctx = active.ctx
+            if ctx is not None and ctx.queued:
+                task.cancel()
         self._stop_input()
         if self.active is None and not self.queue:
             return None  # the transport closes itself
@@ -483,7 +504,15 @@ class EdgeConnection(asyncio.Protocol):
 
     async def _answer(self, request: _Request) -> None:
         try:
-            await self.pipeline.handle(self._context(request), request)
+            request.ctx = ctx = self._context(request)
+            await self.pipeline.handle(ctx, request)
+        except asyncio.CancelledError:
+            # Abandoned by its client (connection_lost, eof_received) or by shutdown: the
+            # exchange ends here and so does the connection.
+            self.active = None
+            if not self.gone:
+                self.transport.abort()
+            raise
         except Exception:
             log.exception("edge: unhandled error in the request pipeline")
             if not request.started and not self.gone:

@@ -308,19 +308,66 @@ def _host_key(value: bytes) -> str:
 
 
 class BodyStream:
-    """The rest of a request body that did not arrive in one piece, read as it is sent on.
+    """The rest of a request body larger than the buffer, read as it is sent on, at no less
+    than `min_rate_bps` over each `window_s` (else 408: a client trickling a large body must
+    not pin an upstream connection; Envoy's and nginx's minimum-rate checks do the same).
 
     An async iterator class rather than an async generator: mypyc, which compiles this module
     (scripts/compile), cannot compile async generators."""
 
-    __slots__ = ("downstream", "first", "total", "limit", "more")
+    __slots__ = (
+        "downstream",
+        "first",
+        "total",
+        "limit",
+        "more",
+        "min_rate_bps",
+        "window_s",
+        "window_waited",
+        "window_bytes",
+    )
 
-    def __init__(self, downstream: Downstream, first: bytes, limit: int) -> None:
+    def __init__(
+        self,
+        downstream: Downstream,
+        first: bytes,
+        limit: int,
+        min_rate_bps: int = 0,
+        window_s: float = 10.0,
+    ) -> None:
         self.downstream = downstream
         self.first: bytes | None = first
         self.total = len(first)
         self.limit = limit
         self.more = True
+        self.min_rate_bps = min_rate_bps
+        self.window_s = window_s
+        self.window_waited = 0.0  # seconds spent waiting for the client in this window
+        self.window_bytes = 0
+
+    async def _read(self) -> tuple[bytes, bool]:
+        """The next chunk. Only the time spent waiting for the client counts toward the
+        rate (not the time the upstream took to accept what was sent: its back-pressure
+        must not be blamed on the client): each `window_s` of waiting must bring at least
+        `min_rate_bps * window_s` bytes."""
+        if self.min_rate_bps <= 0:
+            return await self.downstream.read_body()
+        while True:
+            left = self.window_s - self.window_waited
+            started = time.monotonic()
+            try:
+                async with asyncio.timeout(max(left, 0.0)):
+                    data, more = await self.downstream.read_body()
+            except TimeoutError:
+                data, more = b"", True
+            self.window_waited += time.monotonic() - started
+            self.window_bytes += len(data)
+            if self.window_waited >= self.window_s:
+                if self.window_bytes < self.min_rate_bps * self.window_waited:
+                    raise Reject(408, "request body too slow")
+                self.window_waited, self.window_bytes = 0.0, 0
+            if data or not more:
+                return data, more
 
     def __aiter__(self) -> BodyStream:
         return self
@@ -331,7 +378,7 @@ class BodyStream:
             self.first = None
             return first
         while self.more:
-            data, self.more = await self.downstream.read_body()
+            data, self.more = await self._read()
             self.total += len(data)
             if self.total > self.limit:
                 raise Reject(413, "request body too large")
@@ -373,6 +420,10 @@ class Pipeline:
         self.via_upstream = via_upstream  # issue #12: off, as nginx, Envoy and HAProxy
         self.rewrite_redirects = rewrite_redirects
         self.max_body_bytes = max_body_bytes
+        self.body_buffer_bytes = 1024 * 1024
+        self.body_timeout_s = 60.0
+        self.body_min_rate_bps = 1024
+        self.body_rate_window_s = 10.0
         self.snapshot: Snapshot | None = None
         self.flags: FlagSet | None = None  # the snapshot's compiled flags (flags/flageval.py)
         self.targets: dict[str, tuple[Target, Target]] = {}
@@ -832,20 +883,61 @@ class Pipeline:
                 await self.ofrep.handle(ctx.method, ctx.path, ctx.query, ctx.headers, answered)
                 return
             await self.forward(ctx, self.upstream_request_filter(ctx), downstream)
+        except asyncio.CancelledError:
+            ctx.client_closed = True  # the front-end abandons an exchange whose client left
+            raise
         finally:
             self.logging(ctx)
+
+    def body_limits(
+        self, *, buffer_bytes: int, timeout_s: float, min_rate_bps: int, rate_window_s: float
+    ) -> None:
+        """Request buffering (settings `client_body_*`, issue #12)."""
+        self.body_buffer_bytes = buffer_bytes
+        self.body_timeout_s = timeout_s
+        self.body_min_rate_bps = min_rate_bps
+        self.body_rate_window_s = rate_window_s
 
     async def _request_body(
         self, downstream: Downstream, length: int
     ) -> bytes | AsyncIterator[bytes]:
+        """The request body, read before any upstream connection is taken (nginx's
+        `proxy_request_buffering on`): whole when it fits `body_buffer_bytes`, so a slow
+        client holds only its own connection and a body whose framing turns out bad (the
+        front-end then refuses it) or that stalls never reaches an upstream; past the
+        buffer, the part read so far and then a stream at a minimum rate."""
         if length == 0:
             return b""
         data, more = await downstream.read_body()
-        if not more:
+        if not more:  # the common case: the body came with the head
             if len(data) > self.max_body_bytes:
                 raise Reject(413, "request body too large")
             return data
-        return BodyStream(downstream, data, self.max_body_bytes)
+        return await self._buffer_body(downstream, data)
+
+    async def _buffer_body(self, downstream: Downstream, first: bytes) -> bytes | BodyStream:
+        parts = [first]
+        size = len(first)
+        buffer_bytes = self.body_buffer_bytes
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                while size <= buffer_bytes:
+                    data, more = await downstream.read_body()
+                    parts.append(data)
+                    size += len(data)
+                    if size > self.max_body_bytes:
+                        raise Reject(413, "request body too large")
+                    if not more:
+                        return b"".join(parts)
+        except TimeoutError:
+            raise Reject(408, "request body timed out") from None
+        return BodyStream(
+            downstream,
+            b"".join(parts),
+            self.max_body_bytes,
+            self.body_min_rate_bps,
+            self.body_rate_window_s,
+        )
 
     async def forward(self, ctx: RequestContext, head: bytes, downstream: Downstream) -> None:
         """Send the request through the lean pool and relay the answer.
@@ -874,6 +966,9 @@ class Pipeline:
         failure: UpstreamError | None = None
         for _ in range(attempts):
             pool = self.upstream_peer(ctx)
+            # Queued for a slot: a client that closes meanwhile abandons the exchange, so
+            # the request is never sent (the front-end cancels it, issue #12).
+            ctx.queued = pool.full
             try:
                 resp = await pool.request(
                     head,
@@ -882,6 +977,7 @@ class Pipeline:
                     is_head=method == "HEAD",
                     idempotent=method in IDEMPOTENT_METHODS,
                 )
+                ctx.queued = False
                 break
             except UpstreamError as error:  # one name per exception type: mypyc types `as` names
                 failure = error

@@ -556,6 +556,11 @@ class UpstreamPool:
     def waiting_count(self) -> int:
         return len(self._waiters)
 
+    @property
+    def full(self) -> bool:
+        """A request now would wait for a slot (no idle connection, every slot taken)."""
+        return not self._idle and self._active >= self._max
+
     async def request(
         self,
         head: bytes,

@@ -124,6 +124,14 @@ class Settings(BaseSettings):
     upstream_keepalive_s: float = Field(default=4.0, gt=0)
     upstream_max_connections: int = Field(default=512, ge=1)
     max_request_body_bytes: int = Field(default=100 * 1024 * 1024, ge=0)
+    # Request buffering (issue #12, nginx's `proxy_request_buffering on`): a body up to this
+    # size is read whole, within `client_body_timeout_s` of its first bytes, before an
+    # upstream connection is taken; a larger one streams once this much has arrived, and
+    # must then keep up `client_body_min_rate_bps` over every `client_body_rate_window_s`.
+    client_body_buffer_bytes: int = Field(default=1024 * 1024, ge=0, le=1024 * 1024 * 1024)
+    client_body_timeout_s: float = Field(default=60.0, gt=0, le=86400)
+    client_body_min_rate_bps: int = Field(default=1024, ge=0)
+    client_body_rate_window_s: float = Field(default=10.0, gt=0, le=3600)
     # OFREP is served under <ofrep_path_prefix>/ofrep/v1/ on the edge (docs/flags.md): a
     # prefix such as "/tools/ff" for clients configured with a base URL that has a path.
     ofrep_path_prefix: str = Field(default="", pattern=r"^(/[A-Za-z0-9._~-]+)*$", max_length=128)
