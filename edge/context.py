@@ -58,6 +58,7 @@ class RequestContext:
         "error",
         "client_closed",
         "queued",
+        "client_ip",
     )
 
     def __init__(
@@ -103,3 +104,5 @@ class RequestContext:
         # The client went away before its answer was written (the access log's 499).
         self.client_closed = False
         self.queued = False  # waiting for a slot of a full upstream pool (edge/frontend.py)
+        # The client's address after the trusted hops (X-Forwarded-For); None: the peer's.
+        self.client_ip: str | None = None

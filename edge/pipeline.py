@@ -543,7 +543,7 @@ class Pipeline:
             ctx.chunked = framing == CHUNKED
         if conn is not None:
             kept = self._strip_nominated(conn, kept)
-        kept += self._forwarding(host, ctx.client, ctx.scheme, xff, xfp, via)
+        kept += self._forwarding(ctx, host, xff, xfp, via)
         ctx.kept = kept
         ctx.host = host
         ctx.unit_header = unit
@@ -579,14 +579,17 @@ class Pipeline:
         limiter = self.ratelimiter
         if limiter.buckets:
             # Before ctx.target is set, so a 429 is not judged against the arm (issue #10's
-            # windows), like a maintenance hold. `route` keys count per release: the snapshot's
-            # match answers with the release, not the route entry that matched.
+            # windows), like a maintenance hold. `client` keys on the address after the
+            # trusted hops; `route` keys on the route entry that matched (host + prefix).
+            client_ip = ctx.client_ip
+            if client_ip is None:
+                client_ip = ctx.client[0] if ctx.client else "unknown"
             refusal = limiter.check(
                 target.release,
                 target.arm,
-                target.release,
+                route.route_key,
                 ctx.unit,
-                ctx.client[0] if ctx.client else "unknown",
+                client_ip,
                 decision.reason == REASON_TARGETING_MATCH,  # the internal cohort
             )
             if refusal is not None:
@@ -617,18 +620,23 @@ class Pipeline:
 
     def _forwarding(
         self,
+        ctx: RequestContext,
         host: bytes | None,
-        client: tuple[str, int] | None,
-        scheme: str,
         xff: bytes | None,
         xfp: bytes | None,
         via: bytes | None,
     ) -> list[bytes]:
+        """X-Forwarded-* (and Via) for the upstream; sets `ctx.client_ip` to the client's
+        address as the trusted hops tell it (the left-most entry they vouch for)."""
+        client, scheme = ctx.client, ctx.scheme
         peer = client[0].encode("ascii") if client else b"unknown"
         if self.trusted_hops and xff:
             # Keep only the entries our trusted hops vouch for (the N right-most), then the peer.
             entries = [e.strip() for e in xff.split(b",") if e.strip()]
-            chain = b", ".join([*entries[-self.trusted_hops :], peer])
+            vouched = entries[-self.trusted_hops :]
+            chain = b", ".join([*vouched, peer])
+            if vouched:
+                ctx.client_ip = vouched[0].decode("latin-1")
             proto = xfp.strip() if xfp in (b"http", b"https") else scheme.encode("ascii")
         else:
             chain = peer

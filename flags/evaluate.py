@@ -96,6 +96,7 @@ class CompiledRelease:
         "canary",
         "maintenance",
         "upstream_flags",
+        "route_key",
     )
 
     def __init__(self, doc: Document, name: str, rel: Release) -> None:
@@ -103,6 +104,9 @@ class CompiledRelease:
         # The flags proxied requests carry upstream (edge/flagheader.py), in key order: set by
         # compile_snapshot per route (the route's `flags:` and the flags naming the release).
         self.upstream_flags: tuple[CompiledFlag, ...] = ()
+        # "host path_prefix" of the route this object serves (`route` rate-limit keys); the
+        # release's name until compile_snapshot gives a route its own.
+        self.route_key = name
         self.release = rel
         if rel.cohort is not None:
             self.salt = doc.cohorts[rel.cohort].salt
@@ -205,15 +209,14 @@ def compile_snapshot(doc: Document, *, stale: bool = False, source: str = "store
         compiled.upstream_flags = flagset.upstream.get(name, ())
     per_host: dict[str, dict[str, CompiledRelease]] = {}
     for route in doc.routes:
-        served = releases[route.release]
-        if route.flags:
-            # A route that asks for flags of its own gets its own copy of the release (the
-            # same decisions; only the upstream flags differ), so the request path reads
-            # them from the route it matched, with no lookup.
-            served = CompiledRelease(doc, route.release, doc.releases[route.release])
-            wanted = {flag.key: flag for flag in releases[route.release].upstream_flags}
-            wanted.update((key, flagset.flags[key]) for key in route.flags)
-            served.upstream_flags = tuple(wanted[key] for key in sorted(wanted))
+        # Each route gets its own copy of its release (the same decisions), so the request
+        # path reads what is the route's own (its upstream flags, its key for `route` rate
+        # limits) from the object it matched, with no lookup.
+        served = CompiledRelease(doc, route.release, doc.releases[route.release])
+        served.route_key = f"{route.host} {route.path_prefix}"
+        wanted = {flag.key: flag for flag in releases[route.release].upstream_flags}
+        wanted.update((key, flagset.flags[key]) for key in route.flags)
+        served.upstream_flags = tuple(wanted[key] for key in sorted(wanted))
         per_host.setdefault(route.host, {})[route.path_prefix] = served
     wildcard = per_host.pop("*", None)
     return Snapshot(

@@ -100,3 +100,46 @@ def test_on_redis_the_fleet_sync_runs_beside_the_watcher(
             inst.stop()
         assert client.zcard("turnout:rl:members") == 0
         client.close()
+
+
+def test_client_limits_key_on_the_address_the_trusted_hops_give(
+    tmp_path: Path, up: dict[str, ThreadedServer]
+) -> None:
+    """Behind one trusted hop, two clients arriving through the same load balancer (one
+    socket peer) have a bucket each: the address the hop put in X-Forwarded-For, not the
+    peer's. A forged entry left of it does not buy a new bucket."""
+    doc = limited_doc(up, 100)
+    doc["rate_limits"] = {"per-ip": {"key": "client", "requests": 1, "per_s": 60}}
+    inst = TurnoutInstance(tmp_path / "s", seed=doc, trusted_hops=1).start()
+    try:
+        with httpx.Client(base_url=inst.edge_url, timeout=10) as client:
+
+            def status(xff: str) -> int:
+                return client.get("/", headers={"x-forwarded-for": xff}).status_code
+
+            assert status("203.0.113.7") == 200
+            assert status("203.0.113.7") == 429
+            assert status("198.51.100.9") == 200  # another client behind the same hop
+            assert status("6.6.6.6, 203.0.113.7") == 429  # forged left part: same client
+    finally:
+        inst.stop()
+
+
+def test_route_limits_count_per_route_entry(tmp_path: Path, up: dict[str, ThreadedServer]) -> None:
+    """Two routes to one release: a `route` limit of one request a minute allows one on
+    each route, not one for the release."""
+    doc = limited_doc(up, 100)
+    doc["routes"] = [
+        {"host": "*", "path_prefix": "/a", "release": "web"},
+        {"host": "*", "path_prefix": "/b", "release": "web"},
+    ]
+    doc["rate_limits"] = {"per-route": {"key": "route", "requests": 1, "per_s": 60}}
+    inst = TurnoutInstance(tmp_path / "s", seed=doc).start()
+    try:
+        with httpx.Client(base_url=inst.edge_url, timeout=10) as client:
+            assert client.get("/a/1", headers={"x-user-id": "u1"}).status_code == 200
+            assert client.get("/a/2", headers={"x-user-id": "u2"}).status_code == 429
+            assert client.get("/b/1", headers={"x-user-id": "u3"}).status_code == 200
+            assert client.get("/b/2", headers={"x-user-id": "u4"}).status_code == 429
+    finally:
+        inst.stop()
