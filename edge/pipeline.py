@@ -1071,22 +1071,34 @@ class Pipeline:
                 await self._refuse(ctx, downstream, 400, "no WebSocket endpoint under OFREP", True)
                 return
             head = self.upstream_request_filter(ctx)
-            pool = self.upstream_peer(ctx)
-            timeouts = pool.timeouts
+            target = ctx.target
+            assert target is not None
+            # Like HTTP: an upgrade that reached no upstream moves on to the arm's next one,
+            # once (nginx's `proxy_next_upstream error timeout`); the failed one is told to
+            # the outlier detector.
+            attempts = 2 if len(target.pools) > 1 else 1
             started = time.perf_counter()
-            try:
-                answer = await open_upstream(
-                    pool.host,
-                    pool.port,
-                    head,
-                    ssl=pool.ssl,
-                    connect_timeout_s=timeouts.connect_s,
-                    read_timeout_s=timeouts.read_s,
-                )
-            except UpstreamError as error:  # one name per exception type (mypyc)
-                status, message, ctx.error = classify(error)
-                await self._refuse(ctx, downstream, status, message, True)
-                return
+            answer: Handshake | None = None
+            for attempt in range(attempts):
+                pool = self.upstream_peer(ctx)
+                timeouts = pool.timeouts
+                try:
+                    answer = await open_upstream(
+                        pool.host,
+                        pool.port,
+                        head,
+                        ssl=pool.ssl,
+                        connect_timeout_s=timeouts.connect_s,
+                        read_timeout_s=timeouts.read_s,
+                    )
+                    break
+                except UpstreamError as error:  # one name per exception type (mypyc)
+                    if error.sent or attempt + 1 == attempts:
+                        status, message, ctx.error = classify(error)
+                        await self._refuse(ctx, downstream, status, message, True)
+                        return
+                    self._failed_before_retry(pool, error)
+            assert answer is not None
             ctx.upstream_s = time.perf_counter() - started
             ctx.status = answer.status
             if answer.status != 101:

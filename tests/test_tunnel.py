@@ -177,6 +177,25 @@ def test_unreachable_websocket_upstream_is_502_naming_the_arm(tmp_path: Path) ->
         instance.stop()
 
 
+def test_an_upgrade_moves_on_to_the_arms_next_upstream_when_one_is_dead(tmp_path: Path) -> None:
+    """Stable arm = one dead and one live upstream: every upgrade is answered 101 by the live
+    one (as plain HTTP moves on), never a 502."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        dead = f"http://{LOOPBACK}:{s.getsockname()[1]}"
+    with backends("stable", "canary") as up:
+        seed = release_doc(up["stable"].url, up["canary"].url, stage="off")
+        seed["releases"]["web"]["stable"] = [dead, up["stable"].url]
+        instance = TurnoutInstance(tmp_path / "s", seed=seed).start()
+        try:
+            for _ in range(20):
+                with ws_connect(f"ws://{LOOPBACK}:{instance.edge_port}/ws") as ws:
+                    ws.send("ping")
+                    assert ws.recv(timeout=10)
+        finally:
+            instance.stop()
+
+
 def test_fragment_in_a_websocket_target_is_refused_like_http(inst: TurnoutInstance) -> None:
     """WebSocket admission is HTTP's: a fragment in the query is a 400 before any upstream."""
     with socket.create_connection((LOOPBACK, inst.edge_port), timeout=10) as s:
