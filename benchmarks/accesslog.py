@@ -4,6 +4,12 @@ valgrind's callgrind, on the same fixed load (issue #13 target: the log costs <=
 
     .venv/bin/python benchmarks/accesslog.py [--requests 4000] [--connections 4]
 
+What is counted: the Turnout process only. Its access log ships each batch to a writer
+process (edge/logwriter.py) that formats and writes the lines; valgrind does not follow
+that child (`--trace-children=no`), so the figure is the cost on the request path's core,
+which is what the 5 % budget is about. The writer's own CPU runs on another core when there
+is one (benchmarks/proxy.py --access-log counts it with the rest).
+
 Why instructions: on a shared or noisy machine, RPS and CPU-time figures of two setups
 differ by more than 5 % from run to run (PERF.md's interleaved wrk runs of setups C and L
 in benchmarks/proxy.py --access-log are the throughput view; run them on a quiet machine).

@@ -27,10 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
+import marshal
 import os
 import re
 import select
 import stat
+import struct
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -43,7 +47,15 @@ if TYPE_CHECKING:
     from edge.targets import Target
     from edge.upstream import UpstreamPool
 
+log = logging.getLogger("turnout.accesslog")
+
 DEFAULT_FLUSH_INTERVAL_S = 0.1
+# Batches waiting for a writer process that is behind are kept up to this many bytes, then
+# dropped (and counted): the edge never waits for its log.
+MAX_PIPE_BUFFER_BYTES = 16 * 1024 * 1024
+WRITER_RESTART_S = 1.0  # a writer that died is started again at most this often
+WRITER_EXIT_S = 5.0  # on shutdown, how long the writer may take to write what it has
+_FRAME = struct.Struct("<I")
 # A full batch is formatted in one go on the loop: 512 lines are about 1 ms of work, so a
 # flush never holds other requests back for longer (4,096 made a 20 ms p99, issue #13).
 DEFAULT_MAX_BATCH = 512
@@ -67,8 +79,9 @@ _LINE = b'{"time":"%s",%s"path":"%s","status":%d,"bytes":%d,"duration_ms":%.3f,%
 SHORT_FIELD_CHARS = 256  # a line over LINE_MAX_BYTES is formatted again with these limits
 
 # (epoch seconds, method, Host (as received), canonical path, status, body bytes, duration s,
-#  the release's arm target, the upstream that answered, unit id): what the request path
-#  already holds, nothing built for the log.
+#  (release, arm) of the target, "host:port" of the upstream that answered, unit id): what the
+#  request path already holds (`Target.log_label`, `UpstreamPool.label`), nothing built for the
+#  log, and only values `marshal` can carry to the writer process.
 Entry = tuple[
     float,
     str,
@@ -77,8 +90,8 @@ Entry = tuple[
     int,
     int,
     float,
-    "Target | None",
-    "UpstreamPool | None",
+    "tuple[str, str] | None",
+    "str | None",
     "str | None",
 ]
 
@@ -138,7 +151,7 @@ class AccessLog:
 
     def __init__(
         self,
-        sink: BinaryIO,
+        sink: BinaryIO | None,
         *,
         fmt: str = FORMAT_JSON,
         unit_id: str = UNIT_HASH,
@@ -146,6 +159,7 @@ class AccessLog:
         flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S,
         max_batch: int = DEFAULT_MAX_BATCH,
         clock: Callable[[], float] = time.time,
+        writer: WriterProcess | None = None,
     ) -> None:
         if fmt not in (FORMAT_JSON, FORMAT_HUMAN):
             raise ValueError(f"access log format must be json or human, got {fmt!r}")
@@ -168,22 +182,35 @@ class AccessLog:
         # `"method":…,"host":…,` per (method, Host); `"release":…,"arm":…,"upstream":…` per
         # (arm, upstream pool); `,"unit":"…"` per unit id.
         self._heads: dict[tuple[str, bytes | None], bytes] = {}
-        self._arms: dict[tuple[object, object], bytes] = {}
+        self._arms: dict[tuple[tuple[str, str] | None, str | None], bytes] = {}
         self._units: dict[str, bytes] = {}
         self._write_bytes = LINE_MAX_BYTES
         try:
-            if stat.S_ISREG(os.fstat(sink.fileno()).st_mode):
+            if sink is not None and stat.S_ISREG(os.fstat(sink.fileno()).st_mode):
                 self._write_bytes = FILE_WRITE_BYTES
         except (OSError, ValueError, AttributeError):
             pass
         self._timer: asyncio.Task[None] | None = None
         self._flush_scheduled = False
         self._owns_sink = False
+        # The writer process that formats and writes the batches (edge/logwriter.py); None:
+        # this process formats and writes them to `sink` itself.
+        self.writer = writer
 
     @classmethod
-    def open(cls, destination: str, *, fmt: str, unit_id: str, unit_key: bytes) -> AccessLog | None:
+    def open(
+        cls,
+        destination: str,
+        *,
+        fmt: str,
+        unit_id: str,
+        unit_key: bytes,
+        in_process: bool = False,
+    ) -> AccessLog | None:
         """The access log the `access_log` setting names: "stdout", "stderr", a file path
-        (appended to), or "off" (None)."""
+        (appended to), or "off" (None). Its lines are formatted and written by a writer
+        process (edge/logwriter.py), or by this process with `in_process`. A file that
+        cannot be opened is an `OSError` here, at start-up."""
         if destination == "off":
             return None
         if destination == "stdout":
@@ -192,6 +219,17 @@ class AccessLog:
             sink = sys.stderr.buffer
         else:
             sink = Path(destination).open("ab")
+        if not in_process:
+            if destination not in ("stdout", "stderr"):
+                sink.close()  # opened to check it can be; the writer opens it for itself
+            config = {
+                "destination": destination,
+                "format": fmt,
+                "unit_id": unit_id,
+                "unit_key": unit_key.hex(),
+            }
+            writer = WriterProcess(orjson.dumps(config))
+            return cls(None, fmt=fmt, unit_id=unit_id, unit_key=unit_key, writer=writer)
         log = cls(sink, fmt=fmt, unit_id=unit_id, unit_key=unit_key)
         log._owns_sink = destination not in ("stdout", "stderr")
         return log
@@ -221,8 +259,8 @@ class AccessLog:
                 status,
                 body_bytes,
                 duration_s,
-                target,
-                upstream,
+                target.log_label if target is not None else None,
+                upstream.label if upstream is not None else None,
                 unit,
             )
         )
@@ -295,15 +333,15 @@ class AccessLog:
         heads[(method, raw_host)] = head
         return head
 
-    def _arm(self, target: Target | None, peer: UpstreamPool | None) -> bytes:
+    def _arm(self, target: tuple[str, str] | None, peer: str | None) -> bytes:
         arms = self._arms
         if len(arms) >= MAX_CACHED_FRAGMENTS:
             arms.clear()
-        upstream = f"{peer.host}:{peer.port}" if peer is not None else None
+        release, arm = target if target is not None else (None, None)
         fragment = b'"release":%s,"arm":%s,"upstream":%s' % (
-            orjson.dumps(target.release or None if target is not None else None),
-            orjson.dumps(target.arm or None if target is not None else None),
-            orjson.dumps(upstream),
+            orjson.dumps(release or None),
+            orjson.dumps(arm or None),
+            orjson.dumps(peer or None),
         )
         arms[(target, peer)] = fragment
         return fragment
@@ -321,9 +359,8 @@ class AccessLog:
         host = raw_host.decode("latin-1")[:max_chars] if raw_host is not None else ""
         path = raw_path.decode("utf-8", "replace")[:max_chars]
         method = method[:max_chars]
-        release = target.release if target is not None else ""
-        arm = target.arm if target is not None else ""
-        upstream = f"{peer.host}:{peer.port}" if peer is not None else ""
+        release, arm = target if target is not None else ("", "")
+        upstream = peer or ""
         if unit is not None:
             unit = self.unit_digest(unit) if self.hash_units else None
         if self.human:
@@ -355,6 +392,13 @@ class AccessLog:
         batch, self.pending = self.pending, []
         if not batch:
             return 0
+        writer = self.writer
+        if writer is not None:  # one marshal (C) and one pipe write; formatted elsewhere
+            if writer.send(batch):
+                self.written_lines += len(batch)
+                return len(batch)
+            self.dropped_lines += len(batch)
+            return 0
         lines = [self.format(entry) for entry in batch]
         try:
             self._write(lines)
@@ -369,6 +413,7 @@ class AccessLog:
         `LINE_MAX_BYTES` (see the rules above); a sink without a descriptor (a test's
         buffer) gets one write."""
         sink = self.sink
+        assert sink is not None  # in-process logs have a sink
         try:
             fd = sink.fileno()
         except (OSError, ValueError, AttributeError):
@@ -414,7 +459,9 @@ class AccessLog:
                 pass
             self._timer = None
         self.flush()
-        if self._owns_sink:
+        if self.writer is not None:
+            await self.writer.aclose()
+        if self._owns_sink and self.sink is not None:
             try:
                 self.sink.close()
             except OSError:
@@ -427,3 +474,119 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+class WriterProcess:
+    """The pipe to the access log's writer process (edge/logwriter.py), never blocking the
+    loop: batches go out through a non-blocking pipe, what the pipe cannot take at once waits
+    in a bounded buffer drained when the pipe is writable, and past the bound batches are
+    dropped and counted. A writer that dies is started again (at most once a second); the
+    batches in flight to it are lost and counted."""
+
+    def __init__(self, config: bytes) -> None:
+        self.config = config
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.fd = -1
+        self.buffer = bytearray()
+        self.watching: asyncio.AbstractEventLoop | None = None
+        self.started_at = 0.0
+        self.restarts = 0
+        self.spawn()
+
+    def spawn(self) -> bool:
+        now = time.monotonic()
+        if self.proc is not None and now - self.started_at < WRITER_RESTART_S:
+            return False
+        if self.proc is not None:
+            self.restarts += 1
+            log.warning("access log writer (pid %d) exited; starting a new one", self.proc.pid)
+            self._close_pipe()
+        self.started_at = now
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edge.logwriter"], stdin=subprocess.PIPE, close_fds=True
+        )
+        assert self.proc.stdin is not None
+        self.fd = self.proc.stdin.fileno()
+        os.set_blocking(self.fd, False)
+        self.buffer = bytearray()
+        self._frame(self.config)
+        return True
+
+    def send(self, batch: list[Entry]) -> bool:
+        """Queue one batch for the writer; False when it had to be dropped."""
+        if self.fd < 0 and not self.spawn():
+            return False
+        if len(self.buffer) > MAX_PIPE_BUFFER_BYTES:
+            return False  # the writer is far behind: the edge does not wait for its log
+        return self._frame(marshal.dumps(batch))
+
+    def _frame(self, payload: bytes) -> bool:
+        self.buffer += _FRAME.pack(len(payload))
+        self.buffer += payload
+        return self._drain()
+
+    def _drain(self) -> bool:
+        buffer = self.buffer
+        while buffer:
+            try:
+                written = os.write(self.fd, buffer)
+            except BlockingIOError:
+                self._watch(True)
+                return True
+            except OSError:  # the writer is gone (EPIPE): what it had not read is lost
+                self._watch(False)
+                self._close_pipe()
+                return False
+            del buffer[:written]
+        self._watch(False)
+        return True
+
+    def _watch(self, on: bool) -> None:
+        if on and self.watching is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (start-up, a synchronous caller): wait here
+                os.set_blocking(self.fd, True)
+                try:
+                    os.write(self.fd, bytes(self.buffer))
+                    self.buffer.clear()
+                except OSError:
+                    self._close_pipe()
+                    return
+                os.set_blocking(self.fd, False)
+                return
+            loop.add_writer(self.fd, self._drain)
+            self.watching = loop
+        elif not on and self.watching is not None:
+            self.watching.remove_writer(self.fd)
+            self.watching = None
+
+    def _close_pipe(self) -> None:
+        if self.watching is not None:
+            self.watching.remove_writer(self.fd)
+            self.watching = None
+        if self.proc is not None and self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+        self.fd = -1
+        self.buffer = bytearray()
+
+    async def aclose(self) -> None:
+        """Hand over what is buffered, close the pipe (the writer flushes and exits at EOF)
+        and wait for it, up to WRITER_EXIT_S; then it is killed."""
+        proc = self.proc
+        if proc is None:
+            return
+        deadline = time.monotonic() + WRITER_EXIT_S
+        while self.buffer and self.fd >= 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # the loop's writer callback drains the pipe
+        self._close_pipe()
+        while proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if proc.poll() is None:
+            log.warning("access log writer (pid %d) did not exit; killing it", proc.pid)
+            proc.kill()
+            proc.wait()
+        self.proc = None

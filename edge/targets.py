@@ -16,13 +16,14 @@ from flags.evaluate import ARM_CANARY, ARM_STABLE, Snapshot
 class Target:
     """One arm of one release: where its requests go and the headers that say so."""
 
-    __slots__ = ("release", "arm", "pools", "upstream_headers", "_next")
+    __slots__ = ("release", "arm", "pools", "upstream_headers", "_next", "log_label")
 
     def __init__(
         self, release: str, arm: str, cohort: str, pools: tuple[UpstreamPool, ...]
     ) -> None:
         self.release = release
         self.arm = arm
+        self.log_label = (release, arm)  # what the access log records (edge/accesslog.py)
         self.pools = pools
         head = (
             b"x-turnout-arm: "

@@ -524,6 +524,7 @@ class UpstreamPool:
             raise ValueError("max_connections must be >= 1")
         self.host = host
         self.port = port
+        self.label = f"{host}:{port}"  # what the access log records (edge/accesslog.py)
         self.ssl = ssl  # TLS to the upstream (server_hostname = host) when set
         self._max = max_connections
         self._timeouts = timeouts

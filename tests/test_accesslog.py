@@ -36,11 +36,13 @@ class CountingSink(io.BytesIO):
 class FakeTarget:
     release = "web"
     arm = "canary"
+    log_label = ("web", "canary")
 
 
 class FakePool:
     host = "127.0.0.1"
     port = 9002
+    label = "127.0.0.1:9002"
 
 
 def _record(log: AccessLog, unit: str | None = "alice", path: bytes = b"/a/b") -> None:
@@ -379,7 +381,7 @@ def test_every_json_line_is_one_valid_object_whatever_the_client_sent(
     from edge.accesslog import LINE_MAX_BYTES, MAX_FIELD_CHARS
 
     log = AccessLog(io.BytesIO(), clock=lambda: 1.5)
-    entry = (1.5, method, host, path, 200, 7, 0.25, FakeTarget(), FakePool(), unit)
+    entry = (1.5, method, host, path, 200, 7, 0.25, ("web", "canary"), "127.0.0.1:9002", unit)
     line = log.format(entry)  # type: ignore[arg-type]
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     assert len(line) <= LINE_MAX_BYTES
@@ -391,3 +393,52 @@ def test_every_json_line_is_one_valid_object_whatever_the_client_sent(
         assert record["method"] == method
         assert record["host"] == (host.decode("latin-1") if host is not None else "")
     assert (record["status"], record["bytes"], record["duration_ms"]) == (200, 7, 250.0)
+
+
+def test_the_writer_process_formats_every_line_and_is_restarted_when_it_dies(
+    tmp_path: Path,
+) -> None:
+    """With a file destination the edge only ships batches to its writer process
+    (edge/logwriter.py), which formats and appends them. A writer killed by a signal is
+    started again; batches sent after that arrive; close hands over what is left and the
+    writer exits."""
+    import os
+    import signal
+
+    target = tmp_path / "access.log"
+
+    async def scenario() -> tuple[int, int, int]:
+        log = AccessLog.open(str(target), fmt="json", unit_id="hash", unit_key=b"k")
+        assert log is not None and log.writer is not None
+        for i in range(1000):
+            _record(log, path=b"/first/%d" % i)
+        log.flush()
+        await asyncio.sleep(0)
+        first = log.writer.proc
+        assert first is not None
+
+        def lines() -> int:
+            return len(target.read_text().splitlines()) if target.exists() else 0
+
+        for _ in range(500):
+            if lines() == 1000:
+                break
+            await asyncio.sleep(0.01)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        await asyncio.sleep(1.1)  # past the restart guard
+        sent = 0
+        for i in range(50):  # the first send after the death finds the pipe broken
+            _record(log, path=b"/second/%d" % i)
+            sent += log.flush()
+            await asyncio.sleep(0.01)
+        restarted = log.writer.proc is not None and log.writer.proc.pid != first.pid
+        await log.aclose()
+        return lines(), sent, int(restarted)
+
+    total, sent, restarted = asyncio.run(scenario())
+    assert restarted == 1
+    assert 1000 + sent == total and sent >= 49
+    paths = [json.loads(line)["path"] for line in target.read_text().splitlines()]
+    assert paths[:1000] == [f"/first/{i}" for i in range(1000)]
+    assert all(p.startswith("/second/") for p in paths[1000:])
