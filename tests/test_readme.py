@@ -143,10 +143,10 @@ def test_json_examples_are_access_log_lines(block: Block) -> None:
     from edge.accesslog import AccessLog
 
     class Target:
-        release, arm = "web", "stable"
+        log_label = ("web", "stable")
 
     class Pool:
-        host, port = "10.0.0.5", 8000
+        label = "10.0.0.5:8000"
 
     import io
 

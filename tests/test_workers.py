@@ -329,14 +329,14 @@ def exchange(port: int, data: bytes, *, wait_s: float = 15) -> tuple[int, bool, 
         return status, closed, rest
 
 
-# (bytes sent, expected status, upstream requests it starts: a stalled body is streamed to the
-# upstream as it comes and aborted at the deadline; everything else reaches no upstream)
+# (bytes sent, expected status, upstream requests it starts: none of them reaches an upstream,
+# a stalled body included: bodies are buffered before an upstream is taken, issue #12)
 SWEEP = [
     pytest.param(b"GET / HTTP/1.1\r\nHost: a\r\n", 408, 0, id="header-deadline"),
     pytest.param(
         b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n0123456789",
         408,
-        1,
+        0,
         id="body-deadline",
     ),
     pytest.param(b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505, 0, id="http-2.0"),
@@ -594,16 +594,27 @@ def test_flag_exposures_sum_over_workers_survive_a_replaced_worker_and_stay_decl
 def test_process_layout_matches_the_workers_setting(
     sweep_instance: tuple[ServeProcess, dict[str, ThreadedServer]],
 ) -> None:
-    """workers: 1 is one process with no children (edge and admin in-process, as documented);
-    workers: 2 is a supervisor with exactly two `turnout.edgeworker` children."""
+    """workers: 1 is one process (edge and admin in-process, as documented) whose only child
+    is its access-log writer; workers: 2 is a supervisor with exactly two
+    `turnout.edgeworker` children, each with its own writer (edge/logwriter.py)."""
     proc, _ = sweep_instance
+
+    def cmdline(pid: int) -> bytes:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+
     kids = children(proc.pid)
     if proc.workers == 1:
-        assert kids == []
+        edges = [proc.pid]
+        assert kids == [pid for pid in kids if b"edge.logwriter" in cmdline(pid)]
+        assert len(kids) == 1
     else:
         assert len(kids) == 2
         for pid in kids:
-            assert b"turnout.edgeworker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            assert b"turnout.edgeworker" in cmdline(pid)
+        edges = kids
+    for pid in edges:
+        writers = children(pid)
+        assert len(writers) == 1 and b"edge.logwriter" in cmdline(writers[0])
 
 
 def test_an_edge_port_in_use_is_refused_in_one_line(tmp_path: Path) -> None:
