@@ -9,6 +9,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from edge.accesslog import AccessLog
+from edge.frontend import EdgeServer
 from edge.identity import CookieSigner, Identity
 from edge.metrics import EdgeMetrics, TurnoutCollector
 from edge.ofrep import ExposureCollector, Ofrep
@@ -118,6 +119,22 @@ class Edge:
             return
         self.pipeline.tunnels.close(
             name, ARM_CANARY, CLOSE_SERVICE_RESTART, "rolled back: reconnect"
+        )
+
+    def apply_live_settings(self, settings: Settings, server: EdgeServer) -> None:
+        """What SIGHUP changes without a restart (stores/settings.py LIVE_SETTINGS): the
+        client deadlines and limits of the listener and the pipeline's body limits. Logging
+        is the caller's (turnout/startup.py configure_logging)."""
+        server.keepalive_timeout_s = settings.client_keepalive_timeout_s
+        server.header_timeout_s = settings.client_header_timeout_s
+        server.idle_timeout_s = settings.client_idle_timeout_s
+        server.max_connections = settings.max_client_connections
+        self.pipeline.max_body_bytes = settings.max_request_body_bytes
+        self.pipeline.body_limits(
+            buffer_bytes=settings.client_body_buffer_bytes,
+            timeout_s=settings.client_body_timeout_s,
+            min_rate_bps=settings.client_body_min_rate_bps,
+            rate_window_s=settings.client_body_rate_window_s,
         )
 
     def start_rate_sync(self, store: object, workers: int = 1) -> None:

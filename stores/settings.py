@@ -323,3 +323,30 @@ def load_settings(config_file: str | None = None, **overrides: Any) -> Settings:
         else:
             where = f" ({ENV_PREFIX}{field.upper()})"
         raise SettingsError(field or "settings", message + where) from None
+
+
+# Settings a running instance takes on SIGHUP (turnout/server.py, turnout/workers.py); a change
+# to any other needs a restart, and SIGHUP says so for each one.
+LIVE_SETTINGS = frozenset(
+    {
+        "log_level",
+        "log_format",
+        "client_keepalive_timeout_s",
+        "client_header_timeout_s",
+        "client_idle_timeout_s",
+        "max_client_connections",
+        "max_request_body_bytes",
+        "client_body_buffer_bytes",
+        "client_body_timeout_s",
+        "client_body_min_rate_bps",
+        "client_body_rate_window_s",
+    }
+)
+
+
+def settings_changes(old: Settings, new: Settings) -> tuple[list[str], list[str]]:
+    """The settings that differ between `old` and `new`: (taken live, needing a restart)."""
+    before, after = old.model_dump(), new.model_dump()
+    changed = sorted(name for name in after if before.get(name) != after[name])
+    live = [name for name in changed if name in LIVE_SETTINGS]
+    return live, [name for name in changed if name not in LIVE_SETTINGS]

@@ -577,9 +577,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"invalid settings: {exc}") from None
     # Imported by name at run time: the CLI's other commands (and its type check) must not
     # depend on the data plane's modules.
-    run: Callable[[Settings], None] = importlib.import_module("turnout.server").run
+    run: Callable[..., None] = importlib.import_module("turnout.server").run
+
+    def reload() -> Settings:  # SIGHUP: the same file and command-line overrides, read again
+        return load_settings(config, **overrides)
+
     try:
-        run(settings)
+        run(settings, reload=reload)
     except ConfigError as exc:
         raise UsageError(f"{exc.field}: {exc.message}" if exc.field else exc.message) from None
     except ValidationError as exc:  # a setting checked only when used (defensive)

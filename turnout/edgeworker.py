@@ -118,9 +118,19 @@ async def run_worker(settings: Settings, worker: int, control_fd: int, workers: 
             push()
 
     async def orphan_watch() -> None:
-        # The supervisor holds the other end; EOF means it exited (even by SIGKILL).
-        while await reader.read(4096):
-            pass
+        # The supervisor holds the other end; EOF means it exited (even by SIGKILL). It also
+        # sends the live part of the settings it read again on SIGHUP (turnout/workers.py).
+        while line := await reader.readline():
+            try:
+                message = orjson.loads(line)
+                if "settings" in message:
+                    new = Settings(**message["settings"])
+                    if new.log_level != settings.log_level or new.log_format != settings.log_format:
+                        configure_logging(new, worker=worker)
+                    edge.apply_live_settings(new, server)
+                    log.info("worker %d: settings from SIGHUP applied", worker)
+            except (ValueError, ConfigError) as exc:
+                log.warning("worker %d: bad message from supervisor: %s", worker, exc)
         log.warning("worker %d: supervisor gone; draining and exiting", worker)
         stop()
 

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import uvicorn
@@ -24,7 +24,7 @@ from flags.errors import ConfigError
 from flags.store import Store
 from stores.events import EventBus
 from stores.fleetstats import fleet_stats_for
-from stores.settings import Settings
+from stores.settings import Settings, settings_changes
 from stores.watch import ConfigWatcher
 from stores.webhooks import Notifier
 from stores.yamlfile import YamlError, read_mapping_file
@@ -81,6 +81,51 @@ async def seed_store(store: Store, settings: Settings) -> None:
         await store.commit(
             document, expected_version=0, actor="seed", summary="initial configuration"
         )
+
+
+async def reload_settings(
+    current: Settings,
+    reload: Callable[[], Settings],
+    store: Store | None,
+    worker: int | None = None,
+) -> Settings | None:
+    """SIGHUP: read the settings file again; take what can change live, log one line for
+    each change that needs a restart, and apply the seed where that makes sense (only to an
+    empty store). Returns the new settings, or None when the file is refused (nothing
+    changes: the running settings stay)."""
+    try:
+        new = reload()
+    except ConfigError as exc:
+        log.error("SIGHUP: settings not reloaded, nothing changed: %s", exc)
+        return None
+    live, restart = settings_changes(current, new)
+    if "log_level" in live or "log_format" in live:
+        configure_logging(new, worker)
+    for name in live:
+        log.warning(
+            "SIGHUP: %s applied (%r -> %r)", name, getattr(current, name), getattr(new, name)
+        )
+    for name in restart:
+        if name in ("seed", "seed_file"):
+            continue
+        log.warning("SIGHUP: %s changed; not applied live, restart Turnout to apply it", name)
+    if store is not None and (new.seed is not None or new.seed_file is not None):
+        version = await store.current_version()
+        if version == 0:
+            try:
+                await seed_store(store, new)
+                log.warning("SIGHUP: the seed was applied to the empty store")
+            except ConfigError as exc:
+                log.error("SIGHUP: seed not applied: %s", exc)
+        elif "seed" in restart or "seed_file" in restart:
+            log.warning(
+                "SIGHUP: the seed is only written to an empty store (this one is at version %d);"
+                " change the document with `turnout apply FILE`",
+                version,
+            )
+    if not live and not restart:
+        log.warning("SIGHUP: settings read again; nothing changed")
+    return new
 
 
 def edge_server(edge: Edge, settings: Settings) -> EdgeServer:
@@ -142,8 +187,10 @@ async def serve(
     started: asyncio.Event | None = None,
     stop_event: asyncio.Event | None = None,
     context: dict[str, Any] | None = None,
+    reload: Callable[[], Settings] | None = None,
 ) -> None:
-    """Run one Turnout instance until SIGINT/SIGTERM or until `stop_event` is set."""
+    """Run one Turnout instance until SIGINT/SIGTERM or until `stop_event` is set; SIGHUP
+    re-reads the settings with `reload` (`reload_settings`)."""
     from admin.app import create_admin_app
 
     store, watcher = await open_store(settings)
@@ -185,6 +232,18 @@ async def serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop)  # main thread only; tests use stop_event
+    current = [settings]
+
+    async def hangup() -> None:
+        assert reload is not None
+        new = await reload_settings(current[0], reload, store)
+        if new is not None:
+            edge.apply_live_settings(new, servers[0])
+            current[0] = new
+
+    if reload is not None:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(hangup()))
 
     async def announce() -> None:
         while not all(s.started for s in servers):
@@ -225,7 +284,7 @@ async def serve(
         announcer.cancel()
         stopper.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(sig)
         await guardian.stop()
@@ -245,7 +304,8 @@ def install_event_loop_policy() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def run(settings: Settings) -> None:
+def run(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
+    """`reload`: how SIGHUP reads the settings again (the CLI's file and overrides)."""
     configure_logging(settings)
     check_listeners(settings, ("--edge-port", "--admin-port"))  # busy port: one line, no traceback
     check_writable_dirs(settings)
@@ -253,6 +313,6 @@ def run(settings: Settings) -> None:
     if settings.worker_count > 1:  # a supervisor and N edge processes (turnout/workers.py)
         from turnout.workers import supervise
 
-        asyncio.run(supervise(settings))
+        asyncio.run(supervise(settings, reload=reload))
         return
-    asyncio.run(serve(settings))  # workers: 1 -> edge and admin in this one process
+    asyncio.run(serve(settings, reload=reload))  # workers: 1 -> edge and admin in one process

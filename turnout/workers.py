@@ -30,6 +30,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -45,11 +46,11 @@ from flags.store import Store
 from stores.events import EventBus
 from stores.fleetstats import fleet_stats_for
 from stores.secretfile import read_or_create_secret
-from stores.settings import Settings
+from stores.settings import Settings, settings_changes
 from stores.watch import ConfigWatcher
 from stores.webhooks import Notifier
 from turnout.edgeworker import settings_payload
-from turnout.server import _Server, admin_config, open_store
+from turnout.server import _Server, admin_config, open_store, reload_settings
 
 log = logging.getLogger("turnout.workers")
 
@@ -87,6 +88,7 @@ class WorkerProcess:
         self.proc: asyncio.subprocess.Process | None = None
         self.ready = asyncio.Event()
         self.reader_task: asyncio.Task[None] | None = None
+        self.writer: asyncio.StreamWriter | None = None  # to the worker (SIGHUP's settings)
 
     @property
     def pid(self) -> int | None:
@@ -125,7 +127,14 @@ class WorkerProcess:
         reader, writer = await asyncio.open_unix_connection(
             sock=parent, limit=MAX_CONTROL_LINE_BYTES
         )
+        self.writer = writer
         self.reader_task = asyncio.create_task(self._read(reader, writer))
+
+    def send(self, message: dict[str, object]) -> None:
+        """One line to the worker over its control socket (turnout/edgeworker.py reads it)."""
+        writer = self.writer
+        if writer is not None and not writer.is_closing():
+            writer.write(orjson.dumps(message) + b"\n")
 
     async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         state = self.supervisor.state
@@ -315,8 +324,10 @@ async def supervise(
     *,
     started: asyncio.Event | None = None,
     stop_event: asyncio.Event | None = None,
+    reload: Callable[[], Settings] | None = None,
 ) -> None:
-    """Run one instance with `settings.worker_count` edge workers until SIGTERM/SIGINT."""
+    """Run one instance with `settings.worker_count` edge workers until SIGTERM/SIGINT;
+    SIGHUP re-reads the settings with `reload`."""
     from admin.app import create_admin_app
 
     count = settings.worker_count
@@ -354,6 +365,28 @@ async def supervise(
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop_requested.set)
+    current = [settings]
+
+    async def hangup() -> None:
+        """SIGHUP: the settings read again here (one set of log lines for the instance);
+        what can change live goes to every worker over its control socket, and to the
+        settings a restarted worker gets; the rest waits for a restart."""
+        assert reload is not None
+        new = await reload_settings(current[0], reload, store)
+        if new is None:
+            return
+        live, _ = settings_changes(current[0], new)
+        merged = current[0].model_copy(update={name: getattr(new, name) for name in live})
+        current[0] = merged
+        supervisor.hand_down(merged)
+        if live:
+            payload = orjson.loads(supervisor.payload)
+            for w in supervisor.workers:
+                w.send({"settings": payload})
+
+    if reload is not None:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(hangup()))
 
     keepers: list[asyncio.Task[None]] = []
     admin_task: asyncio.Task[None] | None = None
@@ -391,7 +424,7 @@ async def supervise(
             task.cancel()
         if admin_task is not None:
             await asyncio.gather(admin_task, return_exceptions=True)
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(sig)
         await guardian.stop()
