@@ -583,7 +583,9 @@ class Bench:
                     "turnout + access log (file)",
                     log_port,
                     lambda: [lp.pid],
-                    lambda: [lp.pid],
+                    # CPU: the edge and its access-log writer process (edge/logwriter.py),
+                    # which inherits the edge's core: what the log costs is all counted.
+                    lambda: [lp.pid, *children(lp.pid)],
                 )
             )
         if a.workers >= 2:
