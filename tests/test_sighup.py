@@ -59,7 +59,9 @@ def test_sighup_applies_live_settings_and_names_the_rest(
         if workers == 1:
             assert refused_at_cap(proc)
         else:  # each worker holds its own connections: one per worker is allowed
-            assert wait_until(lambda: proc.log_text().count("settings from SIGHUP applied") == 2, 10)
+            assert wait_until(
+                lambda: proc.log_text().count("settings from SIGHUP applied") == 2, 10
+            )
         assert proc.admin("GET", "/readyz")[0] == 200  # the admin port did not move
 
         proc.config.write_text("max_client_connections: [not, a, number]\n")
