@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
@@ -20,11 +21,12 @@ from edge.upstream import Timeouts
 from flags.errors import ConfigError
 from flags.evaluate import ARM_CANARY, CompiledRelease, Snapshot
 from flags.store import Revision
-from stores.ratesync import FleetSync
-from stores.redisstore import RedisStore
 from stores.secretfile import read_or_create_secret
 from stores.settings import Settings
 from stores.watch import ConfigWatcher
+
+if TYPE_CHECKING:
+    from stores.ratesync import FleetSync
 
 
 class Edge:
@@ -76,7 +78,7 @@ class Edge:
         self.rollback_grace_s = settings.websocket_rollback_grace_s
         self.watcher = watcher
         self._closing: set[asyncio.Task[None]] = set()
-        self.ratesync: FleetSync | None = None
+        self.ratesync: FleetSync | None = None  # on Redis only (start_rate_sync)
         self._ratesync_task: asyncio.Task[None] | None = None
         self.pipeline.apply(watcher.snapshot)
         self.ofrep = self.pipeline.ofrep = Ofrep(
@@ -143,7 +145,13 @@ class Edge:
         (stores/ratesync.py); without Redis, the `workers` processes of this instance take
         1/N of each limit (the kernel spreads connections over them, SO_REUSEPORT)."""
         limiter = self.pipeline.ratelimiter
-        if isinstance(store, RedisStore):
+        if getattr(store, "is_redis", False):
+            # Imported here: an edge on the embedded file store never loads the Redis client
+            # (about 6 MiB of RSS, issue #9's memory budget), as stores/factory.py does.
+            from stores.ratesync import FleetSync
+            from stores.redisstore import RedisStore
+
+            assert isinstance(store, RedisStore)
             self.ratesync = FleetSync(store.client, limiter)
             self._ratesync_task = asyncio.get_running_loop().create_task(self.ratesync.run())
         elif workers > 1:

@@ -160,6 +160,9 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
 class RedisStore:
     """`Store` on Redis. Build it with `RedisStore.from_url`."""
 
+    # Read by edge/app.py without importing this module (and the Redis client) for a file store.
+    is_redis = True
+
     def __init__(
         self,
         client: aioredis.Redis,
