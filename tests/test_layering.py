@@ -142,3 +142,28 @@ def test_the_walkers_catch_violations() -> None:
     found = environment_reads(tree)
     assert len(found) == 2
     assert "getenv" in found[0] + found[1] and "environ" in found[0] + found[1]
+
+
+def test_an_edge_on_the_embedded_store_does_not_load_the_redis_client(tmp_path: Path) -> None:
+    """The Redis client costs about 6 MiB of RSS per process (issue #9's memory budget): the
+    modules a `turnout serve` on the file store runs, and its store, do not import it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, turnout.cli, turnout.server, turnout.edgeworker, admin.app\n"
+        "from stores.settings import Settings\n"
+        "from turnout.server import make_store\n"
+        "make_store(Settings(state_dir=sys.argv[1]))\n"
+        "print(sorted(m for m in sys.modules if m == 'redis' or m.startswith('redis.')))\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "state")],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
